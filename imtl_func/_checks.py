@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from imtl_func._tree import leaves
@@ -73,7 +72,8 @@ def params(tree: Any, name: str) -> None:
     """A parameter pytree must hold at least one tensor, all of them floating point."""
     ls = leaves(tree)
     if not ls:
-        raise ValueError(f"{name} is empty: pass a pytree (dict, tuple, ...) of at least one tensor")
+        raise ValueError(
+            f"{name} is empty: pass a pytree (dict, tuple, ...) of at least one tensor")
     for x in ls:
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must hold only tensors, found {type(x).__name__}")
@@ -107,13 +107,3 @@ def finite_float(value: Any, name: str, *, positive: bool = False, low: float | 
     if high is not None and value >= high:
         raise ValueError(f"{name} must be < {high}, got {value}")
     return value
-
-
-def same_device(x: Tensor, y: Tensor, what: str) -> None:
-    if x.device != y.device:
-        raise ValueError(f"{what}: tensors on {x.device} and {y.device}; move the state with "
-                         "imtl_func.to(state, device)")
-
-
-def is_float_dtype(dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point

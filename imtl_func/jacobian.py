@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import optree
 import torch
@@ -16,7 +17,7 @@ __all__ = ["pullback_rows", "task_jacobian"]
 
 
 def pullback_rows(
-    pullback: Callable[[Tensor], Any], cotangents: Tensor, chunk_size: Optional[int] = None
+    pullback: Callable[[Tensor], Any], cotangents: Tensor, chunk_size: int | None = None
 ) -> Any:
     """Apply a vjp pull-back to every row of ``cotangents`` at once.
 
@@ -40,7 +41,7 @@ def task_jacobian(
     fn: Callable[..., Tensor],
     params: PyTree,
     *args: Any,
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, PyTree]:
     """Jacobian of T task losses with respect to a pytree, in one batched backward pass.
 

@@ -8,7 +8,8 @@ same value. A scale rule turns that gradient into a change of ``s`` (optax-style
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -149,7 +150,10 @@ def scale_adam(lr: float = 0.01, b1: float = 0.9, b2: float = 0.99, eps: float =
 
 
 def scale_sgd(lr: float) -> ScaleRule:
-    """Plain gradient descent ``delta = −lr · (e^{s} ℓ − 1)``; stable only while ``lr·e^{s}ℓ < 2``."""
+    """Plain gradient descent ``delta = −lr · (e^{s} ℓ − 1)``.
+
+    Stable only while ``lr · e^{s} ℓ < 2``: it diverges for large losses (see :func:`scale_newton`).
+    """
     lr = _checks.finite_float(lr, "lr", positive=True)
 
     def init(log_scale: Tensor) -> EmptyState:

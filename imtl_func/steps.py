@@ -15,7 +15,8 @@ Both are pure functions of their inputs, traceable by ``torch.compile(fullgraph=
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -25,7 +26,7 @@ from imtl_func import _checks
 from imtl_func._tree import PyTree, all_finite, contract, tree_map, where, zeros_where_not
 from imtl_func.jacobian import pullback_rows
 from imtl_func.scales import ScaleRule
-from imtl_func.transform import Info, IMTLState, Transform, transform
+from imtl_func.transform import IMTLState, Info, Transform, transform
 from imtl_func.weights import gramian
 
 __all__ = ["Grads", "Losses", "StepResult", "mtl_value_and_grad", "value_and_grad"]
@@ -41,7 +42,7 @@ class Losses(NamedTuple):
     """
 
     task: Tensor
-    extra: Optional[Tensor] = None
+    extra: Tensor | None = None
 
 
 class Grads(NamedTuple):
@@ -77,10 +78,10 @@ class StepResult(NamedTuple):
     aux: Any
 
 
-Method = Union[str, Transform]
+Method = str | Transform
 
 
-def _as_transform(method: Method, scale_rule: Optional[ScaleRule], flip_negative: bool) -> Transform:
+def _as_transform(method: Method, scale_rule: ScaleRule | None, flip_negative: bool) -> Transform:
     if isinstance(method, Transform):
         if scale_rule is not None or flip_negative:
             raise ValueError("pass scale_rule and flip_negative to imtl_func.transform(), not "
@@ -174,11 +175,11 @@ def mtl_value_and_grad(
     decode: Callable[..., Any],
     method: Method = "hybrid",
     *,
-    scale_rule: Optional[ScaleRule] = None,
+    scale_rule: ScaleRule | None = None,
     flip_negative: bool = False,
     encoder_has_aux: bool = False,
     has_aux: bool = False,
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
 ) -> Callable[..., StepResult]:
     """Feature-level IMTL step (the paper's practice): task gradients w.r.t. the shared feature.
 
@@ -244,10 +245,10 @@ def value_and_grad(
     loss_fn: Callable[..., Any],
     method: Method = "hybrid",
     *,
-    scale_rule: Optional[ScaleRule] = None,
+    scale_rule: ScaleRule | None = None,
     flip_negative: bool = False,
     has_aux: bool = False,
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
 ) -> Callable[..., StepResult]:
     """Parameter-level IMTL step: task gradients w.r.t. the shared parameters themselves.
 

@@ -8,7 +8,8 @@ That keeps the math in one place and makes a multi-process Gramian a single all-
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -89,7 +90,7 @@ class Transform(NamedTuple):
 
     method: str
     init: Callable[..., IMTLState]
-    update: Callable[[Tensor, Optional[Tensor], IMTLState], tuple[Weights, IMTLState, Info]]
+    update: Callable[[Tensor, Tensor | None, IMTLState], tuple[Weights, IMTLState, Info]]
 
     @property
     def needs_gramian(self) -> bool:
@@ -105,7 +106,7 @@ class Transform(NamedTuple):
 def transform(
     method: str = "hybrid",
     *,
-    scale_rule: Optional[ScaleRule] = None,
+    scale_rule: ScaleRule | None = None,
     flip_negative: bool = False,
 ) -> Transform:
     """Build the IMTL transform for ``method``.
@@ -132,9 +133,9 @@ def transform(
     def init_fn(
         num_tasks: int,
         *,
-        log_scale: Union[Sequence[float], Tensor, None] = None,
+        log_scale: Sequence[float] | Tensor | None = None,
         dtype: torch.dtype = torch.float32,
-        device: Union[torch.device, str, None] = None,
+        device: torch.device | str | None = None,
     ) -> IMTLState:
         num_tasks = _checks.num_tasks(num_tasks)
         if log_scale is None:
@@ -151,7 +152,7 @@ def transform(
         return IMTLState(s, rule.init(s))
 
     def update(
-        losses: Tensor, gramian: Optional[Tensor], state: IMTLState
+        losses: Tensor, gramian: Tensor | None, state: IMTLState
     ) -> tuple[Weights, IMTLState, Info]:
         _checks.losses(losses, state.log_scale.shape[0], f"IMTL({method!r}).update")
         losses = losses.detach()
@@ -205,10 +206,10 @@ def init(
     num_tasks: int,
     method: str = "hybrid",
     *,
-    scale_rule: Optional[ScaleRule] = None,
-    log_scale: Union[Sequence[float], Tensor, None] = None,
+    scale_rule: ScaleRule | None = None,
+    log_scale: Sequence[float] | Tensor | None = None,
     dtype: torch.dtype = torch.float32,
-    device: Union[torch.device, str, None] = None,
+    device: torch.device | str | None = None,
 ) -> IMTLState:
     """Initial :class:`IMTLState` for ``num_tasks`` tasks: ``transform(method, ...).init(...)``.
 

@@ -6,7 +6,7 @@ K_ij = <g_i, g_j>, so nothing here ever holds the T gradients side by side.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -64,7 +64,7 @@ def gramian(jac: PyTree) -> Tensor:
     if not rows:
         raise ValueError("gramian: the Jacobian pytree has no tensor leaves")
     num_tasks = rows[0].shape[0] if rows[0].dim() > 0 else 0
-    total: Optional[Tensor] = None
+    total: Tensor | None = None
     for j in rows:
         if j.dim() == 0 or j.shape[0] != num_tasks:
             raise ValueError(
@@ -80,7 +80,7 @@ def gramian(jac: PyTree) -> Tensor:
     return total
 
 
-def imtl_g_weights(gramian: Tensor, *, rtol: Optional[float] = None) -> GWeights:
+def imtl_g_weights(gramian: Tensor, *, rtol: float | None = None) -> GWeights:
     """IMTL-G weights from the Gramian of the task gradients, defined for every Gramian.
 
     With ``n_t = √K_tt`` and the cosine matrix ``C = diag(n)⁻¹ K diag(n)⁻¹``, the paper's weights
