@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -156,6 +157,27 @@ def row_specs(model: str, num_tasks: int, args: argparse.Namespace) -> list[RowS
     return specs
 
 
+def _git_commit() -> str | None:
+    """The checkout's commit (and '+dirty' with local changes), or None outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "imtl_func", "benchmarks"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty.strip() else "")
+
+
 def _meta(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -189,6 +211,7 @@ def _meta(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             "min"
         ),
     }
+    meta["git_commit"] = _git_commit()
     if hasattr(os, "getloadavg"):
         meta["loadavg_start"] = list(os.getloadavg())
     return meta
