@@ -114,6 +114,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="print markdown tables of a finished JSON and exit",
     )
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     quick = args.quick
     if quick and args.threads is None:
         args.threads = 1
@@ -194,7 +195,7 @@ def _meta(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             else platform.processor() or platform.machine()
         ),
         "quick": args.quick,
-        "argv": sys.argv[1:],
+        "argv": args.argv,
         "repeats": args.repeats,
         "warmup": args.warmup,
         "torchjd": has_torchjd(),
@@ -260,8 +261,16 @@ def _log(msg: str) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run every configuration; write the JSON after each one when ``args.out`` is set."""
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
@@ -269,9 +278,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     for model in args.models:
         for num_tasks in args.tasks:
-            torch._dynamo.reset()  # fresh compile caches: compile time counted per config
+            specs = row_specs(model, num_tasks, args)
+            if any(spec.mode == "compiled" for spec in specs):
+                torch._dynamo.reset()  # fresh compile caches: compile time counted per config
             work = make_workload(model, num_tasks, sizes[model], device=name)
-            rows = [build_row(spec, work) for spec in row_specs(model, num_tasks, args)]
+            rows = [build_row(spec, work) for spec in specs]
             t0 = time.perf_counter()
             timings = time_rows(rows, warmup=args.warmup, repeats=args.repeats, device=device)
             peaks: dict[str, int] = (
