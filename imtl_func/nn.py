@@ -133,13 +133,26 @@ class IMTL(nn.Module):
 
     Losses whose ``requires_grad`` is False are skipped: they get no gradient, their scale gets a
     zero gradient, and ``α`` is computed over the active tasks only (as if the skipped tasks were
-    not in the list). With every loss skipped (e.g. under ``torch.no_grad()``), a call only
-    returns the logging values.
+    not in the list). A zero gradient leaves a scale unchanged under SGD and under Adam from a
+    fresh state; an optimizer with accumulated momentum or weight decay still moves it. With
+    every loss skipped (e.g. under ``torch.no_grad()``), a call only returns the logging values.
 
     If a loss or a task gradient is not finite, nothing is written to ``.grad``, a
     ``RuntimeWarning`` is issued and :attr:`finite` is False: skip ``optimizer.step()`` for that
     batch (with ``zero_grad(set_to_none=True)``, torch's default, a step over ``None`` gradients
-    does nothing for the parameters IMTL would have updated).
+    does nothing for the parameters IMTL would have updated). The check covers the losses and
+    the task gradients the module computes ('loss' computes none); a NaN produced inside the
+    network's own backward from finite losses reaches ``.grad`` as it would with
+    ``loss.backward()``.
+
+    The shared tensors (``z`` or the shared parameters) get their gradient through a tensor hook
+    that replaces what arrives through the heads by the IMTL combination: a tensor hook the user
+    registered on those same tensors with ``register_hook`` sees the head-path gradient and its
+    result is replaced. Post-accumulate-grad hooks (DDP, optimizer-in-backward) see the IMTL
+    gradient as usual.
+
+    The returned values are detached numbers for logging (:class:`IMTLOutput`); the backward
+    pass has already run, so do not call ``backward()`` on them.
 
     Args:
         method: ``'hybrid'`` (IMTL, the paper's Algorithm 1; default), ``'gradient'`` (IMTL-G, no
