@@ -5,10 +5,10 @@ from __future__ import annotations
 import optree
 import pytest
 import torch
+from reference import make_problem
 from test_steps import functional
 
 import imtl_func as imtl
-from reference import make_problem
 
 
 def assert_same(a, b, rtol=1e-5, atol=1e-6):
