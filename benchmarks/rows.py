@@ -17,7 +17,8 @@ interleaved without touching each other. Rows:
 * ours: ``imtl_func.mtl_value_and_grad`` (feature level) or ``imtl_func.value_and_grad``
   (parameter level), method 'loss' | 'gradient' | 'hybrid', eager or
   ``torch.compile(step, fullgraph=True)``.
-* ``nn.IMTL``: the imperative module, when ``imtl_func.nn`` exists.
+* ``nn.IMTL``: the imperative module (issue 3), feature and parameter level, when
+  ``imtl_func.nn`` exists.
 """
 
 from __future__ import annotations
@@ -253,9 +254,11 @@ def _ours(work: Workload, method: str, level: str, compiled: bool) -> Row:
     return Row(RowSpec("ours", method, level, "compiled" if compiled else "eager"), step, m.params)
 
 
-def _nn_module(work: Workload, method: str) -> Row:
-    """``imtl_func.nn.IMTL`` in an ordinary loop, following the API sketch (issue 3)."""
-    from imtl_func import nn as imtl_nn  # type: ignore[attr-defined]
+def _nn_module(work: Workload, method: str, level: str) -> Row:
+    """``imtl_func.nn.IMTL`` in an ordinary loop: ``imtl(z, losses)`` (feature level) or
+    ``imtl.backward(shared_parameters=..., losses=...)`` (parameter level); the user's Adam
+    trains its log-scales."""
+    from imtl_func import nn as imtl_nn
 
     m = _Model(work)
     module = imtl_nn.IMTL(method=method, num_losses=work.num_tasks).to(work.x.device)
@@ -263,11 +266,15 @@ def _nn_module(work: Workload, method: str) -> Row:
     shared = list(m.shared.values())
 
     def step() -> None:
-        losses = m.losses(m.encoder(work.x))
-        module.backward(shared_parameters=shared, losses=list(losses.unbind(0)))
+        z = m.encoder(work.x)
+        losses = loss_list(work.name, m.task, z, work.y, work.scales)
+        if level == "feature":
+            module(z, losses)
+        else:
+            module.backward(shared_parameters=shared, losses=losses)
         m.update()
 
-    return Row(RowSpec("nn", method, "parameter"), step, m.params)
+    return Row(RowSpec("nn", method, level), step, m.params)
 
 
 def build_row(spec: RowSpec, work: Workload) -> Row:
@@ -282,5 +289,5 @@ def build_row(spec: RowSpec, work: Workload) -> Row:
     if spec.impl == "ours":
         return _ours(work, spec.method, spec.level, compiled)
     if spec.impl == "nn":
-        return _nn_module(work, spec.method)
+        return _nn_module(work, spec.method, spec.level)
     raise ValueError(f"unknown row {spec}")

@@ -151,7 +151,9 @@ def row_specs(model: str, num_tasks: int, args: argparse.Namespace) -> list[RowS
             if compiled and method in args.compile_methods:
                 specs.append(RowSpec("ours", method, level, "compiled"))
     if has_nn_module():
-        specs.append(RowSpec("nn", "hybrid", "parameter"))
+        specs.append(RowSpec("nn", "hybrid", "feature"))
+        if param_ok:
+            specs.append(RowSpec("nn", "hybrid", "parameter"))
     if args.rows:
         keep = [w.lower() for w in args.rows]
         specs = [s for s in specs if s == EW or any(k in s.name.lower() for k in keep)]

@@ -45,7 +45,7 @@ def test_quick_writes_every_row(quick_report: dict) -> None:
     if has_torchjd():
         expected.add("torchjd IMTLG parameter eager")
     if has_nn_module():
-        expected.add("nn.IMTL hybrid parameter eager")
+        expected |= {"nn.IMTL hybrid feature eager", "nn.IMTL hybrid parameter eager"}
     results = quick_report["results"]
     for model in ("mlp", "cnn"):
         rows = {r["row"] for r in results if r["model"] == model and r["num_tasks"] == 2}
