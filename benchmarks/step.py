@@ -160,6 +160,17 @@ def row_specs(model: str, num_tasks: int, args: argparse.Namespace) -> list[RowS
     return specs
 
 
+def _cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _git_commit() -> str | None:
     """The checkout's commit (and '+dirty' with local changes), or None outside git."""
     root = Path(__file__).resolve().parent.parent
@@ -187,14 +198,14 @@ def _meta(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": str(device),
         "device_name": (
             torch.cuda.get_device_name(device)
             if device.type == "cuda"
-            else platform.processor() or platform.machine()
+            else _cpu_name()
         ),
         "quick": args.quick,
         "argv": args.argv,
