@@ -22,7 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FULL_SIZES", "QUICK_SIZES", "Size", "Workload", "decode", "loss_list", "make_workload"]
+__all__ = [
+    "FULL_SIZES",
+    "QUICK_SIZES",
+    "Size",
+    "Workload",
+    "decode",
+    "decode_per_task",
+    "loss_list",
+    "make_workload",
+]
 
 
 @dataclass(frozen=True)
@@ -140,6 +149,26 @@ def loss_list(
         * task_loss(name, F.linear(z, head_params[f"{t}.weight"], head_params[f"{t}.bias"]), y[t])
         for t in range(y.shape[0])
     ]
+
+
+def decode_per_task(
+    name: str,
+    head_params: dict[str, Tensor],
+    features: tuple[Tensor, ...],
+    y: Tensor,
+    scales: Tensor,
+) -> Tensor:
+    """:func:`decode` where head t reads only ``features[t]`` (T references to one ``[B, D]``
+    feature), the form ``mtl_value_and_grad(..., per_task_features=True)`` takes."""
+    return torch.stack(
+        [
+            scales[t]
+            * task_loss(
+                name, F.linear(z, head_params[f"{t}.weight"], head_params[f"{t}.bias"]), y[t]
+            )
+            for t, z in enumerate(features)
+        ]
+    )
 
 
 def decode(

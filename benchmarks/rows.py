@@ -17,6 +17,8 @@ interleaved without touching each other. Rows:
 * ours: ``imtl_func.mtl_value_and_grad`` (feature level) or ``imtl_func.value_and_grad``
   (parameter level), method 'loss' | 'gradient' | 'hybrid', eager or
   ``torch.compile(step, fullgraph=True)``.
+* ours ``feature-per-task`` (only when the core has the proposed ``per_task_features``
+  option): the feature-level step with head t reading its own reference to the feature.
 * ``nn.IMTL``: the imperative module (issue 3), feature and parameter level, when
   ``imtl_func.nn`` exists.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,9 +37,17 @@ from torch import Tensor
 from torch.func import functional_call
 
 import imtl_func as imtl
-from benchmarks.models import Workload, decode, loss_list
+from benchmarks.models import Workload, decode, decode_per_task, loss_list
 
-__all__ = ["Row", "RowSpec", "build_row", "has_nn_module", "has_torchjd", "paper_alpha"]
+__all__ = [
+    "Row",
+    "RowSpec",
+    "build_row",
+    "has_nn_module",
+    "has_per_task_features",
+    "has_torchjd",
+    "paper_alpha",
+]
 
 LR = 1e-4
 
@@ -45,7 +56,7 @@ LR = 1e-4
 class RowSpec:
     """What a row computes. ``method``: 'ew', 'gradient' (the loops, torchjd), 'loss',
     'hybrid'; ``impl``: 'ew', 'loop', 'torchjd', 'ours', 'nn'; ``level``: 'feature',
-    'parameter' or '-' (EW); ``mode``: 'eager' or 'compiled'."""
+    'feature-per-task', 'parameter' or '-' (EW); ``mode``: 'eager' or 'compiled'."""
 
     impl: str
     method: str
@@ -91,6 +102,11 @@ def has_torchjd() -> bool:
     except Exception:
         return False
     return True
+
+
+def has_per_task_features() -> bool:
+    """The core's feature-level step takes ``per_task_features`` (a proposed option)."""
+    return "per_task_features" in inspect.signature(imtl.mtl_value_and_grad).parameters
 
 
 def has_nn_module() -> bool:
@@ -234,8 +250,15 @@ def _ours(work: Workload, method: str, level: str, compiled: bool) -> Row:
     def loss_fn(params: dict[str, Tensor], task_params: dict[str, Tensor], x: Tensor) -> Tensor:
         return dec(task_params, encode(params, x), x)
 
+    def dec_per_task(
+        task_params: dict[str, Tensor], feats: tuple[Tensor, ...], x: Tensor
+    ) -> Tensor:
+        return decode_per_task(name, task_params, feats, y, scales)
+
     if level == "feature":
         fn = imtl.mtl_value_and_grad(encode, dec, method)
+    elif level == "feature-per-task":
+        fn = imtl.mtl_value_and_grad(encode, dec_per_task, method, per_task_features=True)
     else:
         fn = imtl.value_and_grad(loss_fn, method)
     if compiled:

@@ -33,9 +33,17 @@ from typing import Any
 
 import torch
 
+import imtl_func as imtl
 from benchmarks.harness import peak_step_bytes, profile_top_ops, time_rows
 from benchmarks.models import FULL_SIZES, QUICK_SIZES, make_workload
-from benchmarks.rows import Row, RowSpec, build_row, has_nn_module, has_torchjd
+from benchmarks.rows import (
+    Row,
+    RowSpec,
+    build_row,
+    has_nn_module,
+    has_per_task_features,
+    has_torchjd,
+)
 
 __all__ = ["main", "render_markdown", "row_specs"]
 
@@ -150,6 +158,11 @@ def row_specs(model: str, num_tasks: int, args: argparse.Namespace) -> list[RowS
             specs.append(RowSpec("ours", method, level))
             if compiled and method in args.compile_methods:
                 specs.append(RowSpec("ours", method, level, "compiled"))
+    if has_per_task_features():
+        for method in ("gradient", "hybrid"):
+            specs.append(RowSpec("ours", method, "feature-per-task"))
+            if compiled and method in args.compile_methods:
+                specs.append(RowSpec("ours", method, "feature-per-task", "compiled"))
     if has_nn_module():
         specs.append(RowSpec("nn", "hybrid", "feature"))
         if param_ok:
@@ -203,9 +216,7 @@ def _meta(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "device": str(device),
         "device_name": (
-            torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else _cpu_name()
+            torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
         ),
         "quick": args.quick,
         "argv": args.argv,
@@ -226,6 +237,7 @@ def _meta(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         ),
     }
     meta["git_commit"] = _git_commit()
+    meta["imtl_func"] = str(Path(imtl.__file__).parent)
     if hasattr(os, "getloadavg"):
         meta["loadavg_start"] = list(os.getloadavg())
     return meta

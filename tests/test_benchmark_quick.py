@@ -20,7 +20,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import peak_step_bytes  # noqa: E402
-from benchmarks.rows import has_nn_module, has_torchjd, paper_alpha  # noqa: E402
+from benchmarks.rows import (  # noqa: E402
+    has_nn_module,
+    has_per_task_features,
+    has_torchjd,
+    paper_alpha,
+)
 from benchmarks.step import main, render_markdown  # noqa: E402
 
 EAGER_OURS = [
@@ -44,6 +49,8 @@ def test_quick_writes_every_row(quick_report: dict) -> None:
     expected = {"EW eager", "LOOP feature eager", "LOOP parameter eager", *EAGER_OURS}
     if has_torchjd():
         expected.add("torchjd IMTLG parameter eager")
+    if has_per_task_features():
+        expected |= {f"ours {m} feature-per-task eager" for m in ("gradient", "hybrid")}
     if has_nn_module():
         expected |= {"nn.IMTL hybrid feature eager", "nn.IMTL hybrid parameter eager"}
     results = quick_report["results"]
