@@ -26,6 +26,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -107,6 +108,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=_words,
         default=None,
         help="keep only rows whose name contains one of these (EW eager is kept)",
+    )
+    p.add_argument(
+        "--warm-compile-cache",
+        action="store_true",
+        help="reuse torch.compile's on-disk caches (default: a fresh, empty cache "
+        "directory for this run, so compile times are cold-start times)",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     p.add_argument(
@@ -296,10 +303,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.warm_compile_cache:
+        return _run_configs(args, "warm (the user's torch.compile cache)")
+    with tempfile.TemporaryDirectory(prefix="bench_inductor_") as cache:
+        previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        try:
+            return _run_configs(args, "cold (fresh TORCHINDUCTOR_CACHE_DIR for this run)")
+        finally:
+            if previous is None:
+                del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+
+
+def _run_configs(args: argparse.Namespace, cache: str) -> dict[str, Any]:
     name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
     report: dict[str, Any] = {"meta": _meta(args, device), "results": [], "profiles": []}
+    report["meta"]["compile_cache"] = cache
     start = time.perf_counter()
     for model in args.models:
         for num_tasks in args.tasks:
