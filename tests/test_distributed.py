@@ -56,6 +56,16 @@ def loss_fn(sp, tp, x, y):
     return decode(tp, encode(sp, x, y), x, y)
 
 
+def encode_gated(p, x, y, c):
+    """``encode`` times ``|b_0 − c_i|`` per example: 1 normally; for ``c_i = b_0`` the feature
+    is 0 (finite losses, finite feature Gramian) but the encoder's backward gives 0/0 = NaN."""
+    return encode(p, x, y) * torch.sqrt((p["b"][0] - c) ** 2)[:, None]
+
+
+def decode_gated(p, z, x, y, c):
+    return decode(p, z, x, y)
+
+
 def global_batch(step: int, nan: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The step's global batch; rank r holds rows ``r*LOCAL_BATCH:(r+1)*LOCAL_BATCH``."""
     g = torch.Generator().manual_seed(1000 + step)
@@ -73,17 +83,29 @@ def local_batch(step: int, rank: int, nan: bool = False):
     return x[rows], y[rows]
 
 
-def train(level: str, method: str, reduce=None, rank: int | None = None, nan: bool = False):
-    """20 SGD steps; ``rank=None`` is one process on the global batch."""
+def train(level: str, method: str, reduce=None, rank: int | None = None, nan: bool = False,
+          nan_backward: bool = False):
+    """20 SGD steps; ``rank=None`` is one process on the global batch.
+
+    ``nan``: a NaN input on rank 1 at ``NAN_STEP``; ``nan_backward`` (feature level): finite
+    losses there, but a NaN in the encoder's backward pass.
+    """
     shared, task = init_params()
     state = imtl.init(NUM_TASKS, method)
-    if level == "feature":
+    if nan_backward:
+        step = imtl.mtl_value_and_grad(encode_gated, decode_gated, method, reduce=reduce)
+    elif level == "feature":
         step = imtl.mtl_value_and_grad(encode, decode, method, reduce=reduce)
     else:
         step = imtl.value_and_grad(loss_fn, method, reduce=reduce)
     alphas, finite, losses = [], [], []
     for i in range(STEPS):
         batch = global_batch(i, nan) if rank is None else local_batch(i, rank, nan)
+        if nan_backward:
+            c = shared["b"][0].detach() + torch.ones(WORLD * LOCAL_BATCH)
+            if i == NAN_STEP:
+                c[LOCAL_BATCH] = shared["b"][0].detach()              # first row of rank 1
+            batch = (*batch, c if rank is None else c.chunk(WORLD)[rank])
         out = step(shared, task, state, *batch)
         shared = {k: v - LR * out.grads.shared[k] for k, v in shared.items()}
         task = {k: v - LR * out.grads.task[k] for k, v in task.items()}
@@ -112,6 +134,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 results[level, method] = train(level, method, reduce, rank)
         results["nan"] = train("feature", "hybrid", reduce, rank, nan=True)
         results["nan", "parameter"] = train("parameter", "hybrid", reduce, rank, nan=True)
+        results["nan", "backward"] = train("feature", "hybrid", reduce, rank, nan_backward=True)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -185,8 +208,13 @@ def test_two_ranks_equal_one_process_on_the_global_batch(ranks, level, method):
         assert float((got["alpha"][-1] - 1 / NUM_TASKS).abs().max()) > 0.01
 
 
-@pytest.mark.parametrize("key", ["nan", ("nan", "parameter")])
-def test_a_non_finite_loss_on_one_rank_makes_every_rank_skip(ranks, key):
+NAN_CASES = {"nan": dict(level="feature", nan=True),
+             ("nan", "parameter"): dict(level="parameter", nan=True),
+             ("nan", "backward"): dict(level="feature", nan_backward=True)}
+
+
+@pytest.mark.parametrize("key", list(NAN_CASES), ids=["loss", "loss-parameter", "backward"])
+def test_a_non_finite_value_on_one_rank_makes_every_rank_skip(ranks, key):
     r0, r1 = ranks[0][key], ranks[1][key]
     expected = torch.ones(STEPS, dtype=torch.bool)
     expected[NAN_STEP] = False
@@ -195,10 +223,35 @@ def test_a_non_finite_loss_on_one_rank_makes_every_rank_skip(ranks, key):
     _assert_tree_equal((r0["shared"], r0["task"], r0["state"]),
                        (r1["shared"], r1["task"], r1["state"]))
     # the same as one process that skipped the same step
-    ref = train("feature" if key == "nan" else "parameter", "hybrid", nan=True)
+    ref = train(method="hybrid", **NAN_CASES[key])
     assert torch.equal(ref["finite"], expected)
     _assert_tree_close((r0["shared"], r0["task"]), (ref["shared"], ref["task"]), atol=1e-5)
     _assert_tree_close(r0["state"], ref["state"], atol=1e-6)
+
+
+def _example_worker(rank: int, port: int, steps: int) -> None:
+    """Run examples/ddp_train.py's main() as torchrun would (its environment variables)."""
+    import importlib.util
+    import sys
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    path = Path(__file__).resolve().parents[1] / "examples" / "ddp_train.py"
+    spec = importlib.util.spec_from_file_location("ddp_train", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.argv = ["ddp_train.py", "--steps", str(steps), "--hidden", "16"]
+    module.main()      # raises SystemExit if the ranks diverged
+
+
+def test_the_torchrun_example_runs_on_two_gloo_ranks(capfd):
+    train("feature", "hybrid")
+    spawn(_example_worker, _free_port(), 5)
+    out = capfd.readouterr().out
+    assert "step    4" in out
+    assert "all-reduce bytes per step [176, " in out
+    assert "largest difference between ranks 0.0e+00" in out
 
 
 # ----------------------------------------------------------------------------- one process
