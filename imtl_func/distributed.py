@@ -30,9 +30,18 @@ import optree
 import torch
 from torch import Tensor
 
-from imtl_func._tree import PyTree, all_finite, leaves
+from imtl_func._tree import PyTree, all_finite, leaves, where
+from imtl_func.transform import IMTLState, Info, Transform, Weights
 
-__all__ = ["Reduce", "Replicas", "all_sum", "mean_over_replicas", "sum_rows", "sum_statistics"]
+__all__ = [
+    "Reduce",
+    "Replicas",
+    "all_sum",
+    "mean_over_replicas",
+    "replicated",
+    "sum_rows",
+    "sum_statistics",
+]
 
 #: ``reduce(x) -> Σ_replicas x`` for a 1-D tensor ``x``, the same result on every replica.
 Reduce = Callable[[Tensor], Tensor]
@@ -178,6 +187,35 @@ def mean_over_replicas(reduce: Reduce | None, replicas: Replicas | None, tree: P
     count = replicas.count.to(dtype)
     return _treespec(tree).unflatten([(s / count).to(x.dtype) for s, x in zip(summed, xs,
                                                                               strict=True)])
+
+
+def replicated(tx: Transform, reduce: Reduce) -> Transform:
+    """The transform of the global batch: ``update`` first sums its inputs over the replicas.
+
+    ``update(local_losses, local_gramian, state)`` reduces the ``[T]`` losses and the ``[T, T]``
+    feature-level Gramian with :func:`sum_statistics` (one reduction), then runs ``tx.update`` on
+    the global ones; ``info.finite`` is False on every replica when any replica's losses or
+    Gramian were not finite. The Gramian must be a sum over replicas (task gradients w.r.t.
+    disjoint feature slices), not a parameter-level one (see :func:`sum_rows`). Every replica
+    must call it with the same T, at the same point of its loop.
+
+    Args:
+        tx: an IMTL :class:`~imtl_func.Transform`.
+        reduce: see :data:`Reduce`.
+
+    Returns:
+        A :class:`~imtl_func.Transform` with the same ``method`` and ``init``.
+    """
+
+    def update(losses: Tensor, gramian: Tensor | None, state: IMTLState
+               ) -> tuple[Weights, IMTLState, Info]:
+        losses, gramian, replicas = sum_statistics(reduce, losses, gramian)
+        assert replicas is not None
+        weights, new_state, info = tx.update(losses, gramian, state)
+        new_state = where(replicas.finite, new_state, state)
+        return weights, new_state, info._replace(finite=info.finite & replicas.finite)
+
+    return tx._replace(update=update)
 
 
 def _treespec(tree: PyTree) -> Any:

@@ -9,15 +9,19 @@ from __future__ import annotations
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 import imtl_func as imtl
 from imtl_func import distributed as imtl_dist
+from imtl_func.nn import IMTL
 
 WORLD = 2
 STEPS = 20
@@ -118,6 +122,64 @@ def train(level: str, method: str, reduce=None, rank: int | None = None, nan: bo
             "grad_norm": out.info.grad_norm}
 
 
+class Net(nn.Module):
+    """The same problem as a module: ``forward(x, c=None) -> (z, predictions [B, T])``."""
+
+    def __init__(self):
+        super().__init__()
+        shared, task = init_params()
+        self.encoder = nn.Linear(IN, HIDDEN)
+        self.heads = nn.Linear(HIDDEN, NUM_TASKS)
+        with torch.no_grad():
+            for layer, p in ((self.encoder, shared), (self.heads, task)):
+                layer.weight.copy_(p["w"])
+                layer.bias.copy_(p["b"])
+
+    def forward(self, x, c=None):
+        z = torch.tanh(self.encoder(x))
+        if c is not None:     # as encode_gated: NaN in the backward pass where c_i = b_0
+            z = z * torch.sqrt((self.encoder.bias[0] - c) ** 2)[:, None]
+        return z, self.heads(z)
+
+
+def train_module(method: str, reduce=None, rank: int | None = None, nan: bool = False,
+                 nan_backward: bool = False):
+    """20 SGD steps of nn.IMTL; ``rank`` given: the network wrapped in DDP, the local slice."""
+    net = Net()
+    model = net if rank is None else DistributedDataParallel(net)
+    module = IMTL(method, NUM_TASKS, reduce=reduce)
+    optimizer = torch.optim.SGD([*net.parameters(), *module.parameters()], lr=LR)
+    alphas, finite = [], []
+    for i in range(STEPS):
+        x, y = global_batch(i, nan) if rank is None else local_batch(i, rank, nan)
+        c = None
+        if nan_backward:
+            c = net.encoder.bias[0].detach() + torch.ones(WORLD * LOCAL_BATCH)
+            if i == NAN_STEP:
+                c[LOCAL_BATCH] = net.encoder.bias[0].detach()
+            c = c if rank is None else c.chunk(WORLD)[rank]
+        z, pred = model(x, c)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            module(z, decode_losses(pred, y))
+        # DDP has averaged the gradients: a NaN on one rank is a NaN on all of them
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), float("inf"))
+        ok = module.finite and bool(torch.isfinite(norm))
+        if ok:
+            optimizer.step()
+        optimizer.zero_grad()
+        alphas.append(module.info.alpha.detach().clone())
+        finite.append(torch.tensor(ok))
+    params = {k: v.detach().clone() for k, v in net.named_parameters()}
+    scales = None if module.log_scale is None else module.log_scale.detach().clone()
+    return {"params": params, "log_scale": scales, "alpha": torch.stack(alphas),
+            "finite": torch.stack(finite)}
+
+
+def decode_losses(pred, y):
+    return ((pred - y) ** 2).mean(0) * torch.tensor([1.0, 10.0, 0.1])
+
+
 # ----------------------------------------------------------------------------- the workers
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -135,6 +197,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results["nan"] = train("feature", "hybrid", reduce, rank, nan=True)
         results["nan", "parameter"] = train("parameter", "hybrid", reduce, rank, nan=True)
         results["nan", "backward"] = train("feature", "hybrid", reduce, rank, nan_backward=True)
+        for method in METHODS:
+            results["module", method] = train_module(method, reduce, rank)
+        results["module", "nan"] = train_module("hybrid", reduce, rank, nan=True)
+        results["module", "backward"] = train_module("hybrid", reduce, rank, nan_backward=True)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -252,6 +318,45 @@ def test_the_torchrun_example_runs_on_two_gloo_ranks(capfd):
     assert "step    4" in out
     assert "all-reduce bytes per step [176, " in out
     assert "largest difference between ranks 0.0e+00" in out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_imtl_module_under_ddp_equals_one_process(ranks, method):
+    got, other = ranks[0]["module", method], ranks[1]["module", method]
+    ref = train_module(method)
+    assert bool(ref["finite"].all())
+    _assert_tree_equal(got, other)
+    torch.testing.assert_close(got["alpha"], ref["alpha"], rtol=0, atol=1e-6)
+    _assert_tree_close(got["params"], ref["params"], atol=1e-5)
+    if method != "gradient":
+        torch.testing.assert_close(got["log_scale"], ref["log_scale"], rtol=0, atol=1e-6)
+        assert float(got["log_scale"].abs().max()) > 0.5   # the scales moved
+    if method == "gradient":  # no scales (which the module leaves to the user's optimizer)
+        torch.testing.assert_close(got["alpha"], ranks[0]["feature", method]["alpha"], rtol=0,
+                                   atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["nan", "backward"])
+def test_imtl_module_under_ddp_skips_on_every_rank(ranks, case):
+    r0, r1 = ranks[0]["module", case], ranks[1]["module", case]
+    expected = torch.ones(STEPS, dtype=torch.bool)
+    expected[NAN_STEP] = False
+    assert torch.equal(r0["finite"], expected)
+    assert torch.equal(r1["finite"], expected)
+    _assert_tree_equal(r0, r1)
+    ref = train_module("hybrid", nan=case == "nan", nan_backward=case == "backward")
+    assert torch.equal(ref["finite"], expected)
+    _assert_tree_close(r0["params"], ref["params"], atol=1e-5)
+    torch.testing.assert_close(r0["log_scale"], ref["log_scale"], rtol=0, atol=1e-6)
+
+
+def test_module_refuses_the_parameter_level_call_with_reduce():
+    net = Net()
+    module = IMTL("hybrid", NUM_TASKS, reduce=CountingReduce())
+    x, y = local_batch(0, 0)
+    _, pred = net(x)
+    with pytest.raises(NotImplementedError, match="all-reduced"):
+        module.backward(shared_parameters=net.encoder.parameters(), losses=decode_losses(pred, y))
 
 
 # ----------------------------------------------------------------------------- one process
