@@ -1,13 +1,19 @@
 """Data-parallel IMTL with torch.distributed: every rank trains on its slice of each global batch.
 
-    torchrun --nproc-per-node 2 examples/ddp_train.py     # CPU: gloo
-    torchrun --nproc-per-node 8 examples/ddp_train.py     # one process per GPU: nccl
+    torchrun --nproc-per-node 2 examples/ddp_train.py            # CPU: gloo
+    torchrun --nproc-per-node 8 examples/ddp_train.py            # one process per GPU: nccl
+    torchrun --nproc-per-node 2 examples/ddp_train.py --module   # nn.IMTL + DDP
 
-The same script runs both ways: the backend follows the device. The functional step gets
-``reduce=imtl_func.distributed.all_sum()``: one all-reduce of the ``[T, T]`` Gramian, the task
-losses and a non-finite flag gives every rank the α and loss scales of the global batch, a
-second one averages the gradients. No DistributedDataParallel wrapper is needed (nor would it
-see these gradients: the step computes them with torch.func).
+The same script runs both ways: the backend follows the device.
+
+* Functional (default): the step gets ``reduce=imtl_func.distributed.all_sum()``: one
+  all-reduce of the ``[T, T]`` Gramian, the task losses and a non-finite flag gives every rank
+  the α and loss scales of the global batch, a second one averages the gradients. No
+  DistributedDataParallel wrapper (it would not see these gradients: the step computes them
+  with torch.func).
+* ``--module``: the network is wrapped in DistributedDataParallel and ``imtl_func.nn.IMTL``
+  gets the same ``reduce``: the one all-reduce of the statistics, then one backward through
+  the DDP network, whose gradients DDP averages.
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
+from torch.nn.parallel import DistributedDataParallel
 
 import imtl_func as imtl
 from imtl_func.distributed import all_sum
+from imtl_func.nn import IMTL
 
 NUM_TASKS = 4
 SCALES = (1.0, 10.0, 0.1, 100.0)     # task losses of very different magnitudes
@@ -43,16 +51,22 @@ class Model(nn.Module):
                                      nn.Linear(hidden, hidden), nn.Tanh())
         self.heads = nn.Linear(hidden, NUM_TASKS)     # one output per task
 
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encoder(x)
+        return z, self.heads(z)
+
+
+def task_losses(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``[T]`` mean squared errors, scaled so that their magnitudes differ."""
+    return ((pred - y) ** 2).mean(0) * torch.tensor(SCALES).to(pred)
+
 
 def build_step(model: Model, method: str, reduce):
-    scales = torch.tensor(SCALES)
-
     def encode(params, x, y):
         return functional_call(model.encoder, params, (x,))
 
     def decode(params, z, x, y):
-        pred = functional_call(model.heads, params, (z,))            # [B, T]
-        return ((pred - y) ** 2).mean(0) * scales.to(pred)            # [T]
+        return task_losses(functional_call(model.heads, params, (z,)), y)
 
     return imtl.mtl_value_and_grad(encode, decode, method, reduce=reduce)
 
@@ -75,6 +89,8 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--module", action="store_true",
+                        help="nn.IMTL with a DistributedDataParallel network")
     args = parser.parse_args()
 
     if torch.cuda.is_available():
@@ -97,19 +113,56 @@ def main() -> None:
     for p in model.parameters():                     # every rank starts from rank 0's weights
         dist.broadcast(p.data, src=0)
     shared = dict(model.encoder.named_parameters())
-    task = dict(model.heads.named_parameters())
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    state = imtl.init(NUM_TASKS, args.method, device=device)
-
     reduce = CountingReduce(all_sum())
-    step = build_step(model, args.method, reduce)
     x_all, y_all = make_data(4096, dim, device)
     order = torch.Generator().manual_seed(0)
 
-    for i in range(args.steps):
+    def my_batch() -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(len(x_all), (args.global_batch,), generator=order)  # same on all ranks
         mine = idx[rank * local:(rank + 1) * local].to(device)
-        out = step(shared, task, state, x_all[mine], y_all[mine])
+        return x_all[mine], y_all[mine]
+
+    if args.module:
+        log_scale = train_module(model, args, reduce, my_batch, rank, device)
+    else:
+        log_scale = train_functional(model, args, reduce, my_batch, rank, device)
+
+    # every rank holds the same parameters and scales: check it
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()] + [log_scale.detach()])
+    spread = flat.clone()
+    dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+    low = flat.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    gap = float((spread - low).abs().max())
+    if rank == 0:
+        grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        shared_bytes = sum(p.numel() * p.element_size() for p in shared.values())
+        # functional: [statistics, gradients] per step; module: [statistics], DDP the gradients
+        per_step = reduce.calls[:1] if args.module else reduce.calls[:2]
+        print(f"{world} ranks ({backend}), T = {NUM_TASKS}: IMTL all-reduce bytes per step "
+              f"{per_step}; shared gradients {shared_bytes} B, all gradients {grad_bytes} B; "
+              f"largest difference between ranks {gap:.1e}")
+    dist.destroy_process_group()
+    if gap != 0.0:
+        raise SystemExit("ranks diverged")
+
+
+def log(rank: int, i: int, steps: int, losses, alpha, scale) -> None:
+    if rank == 0 and (i % 50 == 0 or i == steps - 1):
+        fmt = lambda t: "[" + ", ".join(f"{v:.3g}" for v in t.tolist()) + "]"  # noqa: E731
+        print(f"step {i:4d}  losses {fmt(losses)}  alpha {fmt(alpha)}  scale {fmt(scale)}",
+              flush=True)
+
+
+def train_functional(model: Model, args, reduce, my_batch, rank: int, device) -> torch.Tensor:
+    """The functional step with ``reduce``: it averages the gradients itself (no DDP)."""
+    shared = dict(model.encoder.named_parameters())
+    task = dict(model.heads.named_parameters())
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    state = imtl.init(NUM_TASKS, args.method, device=device)
+    step = build_step(model, args.method, reduce)
+    for i in range(args.steps):
+        out = step(shared, task, state, *my_batch())
         state = out.state
         if bool(out.info.finite):                    # the same decision on every rank
             for name, p in shared.items():
@@ -117,28 +170,29 @@ def main() -> None:
             for name, p in task.items():
                 p.grad = out.grads.task[name]
             optimizer.step()
-        if rank == 0 and (i % 50 == 0 or i == args.steps - 1):
-            fmt = lambda t: "[" + ", ".join(f"{v:.3g}" for v in t.tolist()) + "]"  # noqa: E731
-            print(f"step {i:4d}  losses {fmt(out.losses)}  alpha {fmt(out.info.alpha)}  "
-                  f"scale {fmt(out.info.scale)}", flush=True)
+        log(rank, i, args.steps, out.losses, out.info.alpha, out.info.scale)
+    return state.log_scale
 
-    # every rank holds the same parameters and state: check it
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()] + [state.log_scale])
-    spread = flat.clone()
-    dist.all_reduce(spread, op=dist.ReduceOp.MAX)
-    low = flat.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    gap = float((spread - low).abs().max())
-    if rank == 0:
-        per_step = reduce.calls[:2]
-        grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        shared_bytes = sum(p.numel() * p.element_size() for p in shared.values())
-        print(f"{world} ranks ({backend}), T = {NUM_TASKS}: all-reduce bytes per step "
-              f"{per_step} (statistics, gradients); shared gradients {shared_bytes} B, "
-              f"all gradients {grad_bytes} B; largest difference between ranks {gap:.1e}")
-    dist.destroy_process_group()
-    if gap != 0.0:
-        raise SystemExit("ranks diverged")
+
+def train_module(model: Model, args, reduce, my_batch, rank: int, device) -> torch.Tensor:
+    """nn.IMTL with ``reduce`` on a DDP network: one backward through DDP per step."""
+    ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    mtl = IMTL(args.method, NUM_TASKS, reduce=reduce).to(device)
+    optimizer = torch.optim.Adam([*model.parameters(), *mtl.parameters()], lr=args.lr)
+    for i in range(args.steps):
+        x, y = my_batch()
+        z, pred = ddp(x)
+        losses = task_losses(pred, y)
+        mtl(z, losses)                               # writes .grad; DDP averages the network's
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        if mtl.finite and bool(torch.isfinite(norm)):    # both the same on every rank
+            optimizer.step()
+        optimizer.zero_grad()
+        global_losses = losses.detach().clone()
+        dist.all_reduce(global_losses)               # for the printout only
+        scale = torch.ones(NUM_TASKS) if mtl.log_scale is None else mtl.log_scale.exp()
+        log(rank, i, args.steps, global_losses / dist.get_world_size(), mtl.info.alpha, scale)
+    return torch.zeros(NUM_TASKS, device=device) if mtl.log_scale is None else mtl.log_scale
 
 
 if __name__ == "__main__":

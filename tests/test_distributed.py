@@ -295,7 +295,7 @@ def test_a_non_finite_value_on_one_rank_makes_every_rank_skip(ranks, key):
     _assert_tree_close(r0["state"], ref["state"], atol=1e-6)
 
 
-def _example_worker(rank: int, port: int, steps: int) -> None:
+def _example_worker(rank: int, port: int, steps: int, *flags: str) -> None:
     """Run examples/ddp_train.py's main() as torchrun would (its environment variables)."""
     import importlib.util
     import sys
@@ -307,16 +307,20 @@ def _example_worker(rank: int, port: int, steps: int) -> None:
     spec = importlib.util.spec_from_file_location("ddp_train", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    sys.argv = ["ddp_train.py", "--steps", str(steps), "--hidden", "16"]
+    sys.argv = ["ddp_train.py", "--steps", str(steps), "--hidden", "16", *flags]
     module.main()      # raises SystemExit if the ranks diverged
 
 
-def test_the_torchrun_example_runs_on_two_gloo_ranks(capfd):
+@pytest.mark.parametrize("flags", [(), ("--module",)], ids=["functional", "module"])
+def test_the_torchrun_example_runs_on_two_gloo_ranks(capfd, flags):
     train("feature", "hybrid")
-    spawn(_example_worker, _free_port(), 5)
+    spawn(_example_worker, _free_port(), 5, *flags)
     out = capfd.readouterr().out
     assert "step    4" in out
-    assert "all-reduce bytes per step [176, " in out
+    # 612 float32 parameters; T = 4: (16 + 4 + 2) float64 statistics
+    expected = "[176]" if flags else "[176, 2448]"
+    assert f"all-reduce bytes per step {expected}; shared gradients 2176 B, all gradients 2448 B"\
+        in out
     assert "largest difference between ranks 0.0e+00" in out
 
 
