@@ -439,3 +439,26 @@ def test_reduce_must_return_the_shape_it_was_given():
 def test_all_sum_needs_no_process_group_until_called():
     psum = imtl_dist.all_sum()
     assert callable(psum)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_an_extra_loss_goes_through_the_reduction(level):
+    def dec(p, z, x, y):
+        return imtl.Losses(decode(p, z, x, y), 1e-2 * (z**2).mean())
+
+    shared, task = init_params()
+    state = imtl.init(NUM_TASKS, "hybrid")
+    x, y = local_batch(0, 0)
+    if level == "feature":
+        make = lambda **kw: imtl.mtl_value_and_grad(encode, dec, "hybrid", **kw)  # noqa: E731
+    else:
+        fn = lambda sp, tp, x, y: dec(tp, encode(sp, x, y), x, y)  # noqa: E731
+        make = lambda **kw: imtl.value_and_grad(fn, "hybrid", **kw)  # noqa: E731
+    ref = make()(shared, task, state, x, y)
+    counter = CountingReduce(2)
+    got = make(reduce=counter)(shared, task, state, x, y)
+    torch.testing.assert_close(got.info.alpha, ref.info.alpha, rtol=0, atol=1e-7)
+    _assert_tree_close((got.grads, got.state), (ref.grads, ref.state), atol=1e-6)
+    stats = (NUM_TASKS**2 + NUM_TASKS + 1 + 2) * 8 if level == "feature" else None
+    if stats is not None:
+        assert counter.calls[0] == stats
