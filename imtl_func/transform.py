@@ -185,7 +185,7 @@ def transform(
             eye = torch.eye(num_tasks, dtype=k.dtype, device=k.device)
             scale64 = scale.detach().to(k.dtype)
             k = torch.where(finite, k, eye) * scale64[:, None] * scale64[None, :]
-            g = imtl_g_weights(k, rtol=default_rtol(gramian.dtype))
+            g = imtl_g_weights(k, rtol=default_rtol(gramian.dtype, num_tasks))
             alpha, projection = g.alpha, g.projection
             if flip_negative:
                 sign = torch.where(projection < 0, -1.0, 1.0).to(alpha.dtype)

@@ -194,9 +194,9 @@ def test_agrees_with_the_paper_closed_form(g):
     torch.testing.assert_close(r.alpha, paper_alpha(g), rtol=1e-6, atol=1e-8)
 
 
-def _well_conditioned(g):
+def _well_conditioned(g, bound=1e4):
     units = g / g.norm(dim=1, keepdim=True)
-    return torch.linalg.cond(units @ units.T) < 1e4
+    return torch.linalg.cond(units @ units.T) < bound
 
 
 @SETTINGS
@@ -241,7 +241,7 @@ def test_rescaling_one_task(g, data):
 @SETTINGS
 @given(gradient_sets(allow_degenerate=False))
 def test_float32_inputs_match_float64(g):
-    assume(_well_conditioned(g))
+    assume(_well_conditioned(g, 1e3))  # float32 rounding (1e-7) times cond stays under 1e-3
     r64 = weights(g)
     r32 = weights(g.float())
     assert r32.alpha.dtype == torch.float32
