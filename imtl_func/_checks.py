@@ -1,0 +1,109 @@
+"""Input validation with messages that say what to fix (internal).
+
+Every check reads only shapes, dtypes and Python values, never tensor contents, so it runs the
+same in eager mode and while `torch.compile` traces a step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from imtl_func._tree import leaves
+
+METHODS = ("loss", "gradient", "hybrid")
+
+
+def method(name: Any) -> str:
+    if name not in METHODS:
+        raise ValueError(f"method must be one of {METHODS!r}, got {name!r}")
+    return name
+
+
+def num_tasks(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"num_tasks must be a positive int, got {value!r}")
+    return value
+
+
+def chunk_size(value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"chunk_size must be None or a positive int, got {value!r}")
+
+
+def square_matrix(x: Any, name: str) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] != x.shape[1] or x.shape[0] < 1:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a [T, T] tensor with T >= 1, got {shape}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def losses(x: Any, expected: int | None, where: str) -> Tensor:
+    """Task losses must be a floating [T] tensor (T matching the state when known)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"{where}: task losses must be a tensor of shape [T], got {type(x).__name__}; "
+            "stack per-task scalars with torch.stack([l1, l2, ...])"
+        )
+    if x.dim() != 1:
+        raise ValueError(
+            f"{where}: task losses must have shape [T] (one scalar per task), got "
+            f"{tuple(x.shape)}; reduce each task's loss to a scalar (e.g. .mean()) and stack them"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"{where}: task losses must be floating point, got dtype {x.dtype}")
+    if expected is not None and x.shape[0] != expected:
+        raise ValueError(
+            f"{where}: got {x.shape[0]} task losses but the IMTL state holds {expected} tasks; "
+            f"create the state with num_tasks={x.shape[0]}"
+        )
+    return x
+
+
+def extra_loss(x: Any, where: str) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 0 or not x.is_floating_point():
+        desc = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{where}: Losses.extra must be a floating scalar tensor, got {desc}")
+
+
+def params(tree: Any, name: str) -> None:
+    """A parameter pytree must hold at least one tensor, all of them floating point."""
+    ls = leaves(tree)
+    if not ls:
+        raise ValueError(
+            f"{name} is empty: pass a pytree (dict, tuple, ...) of at least one tensor")
+    for x in ls:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must hold only tensors, found {type(x).__name__}")
+        if not (x.is_floating_point() or x.is_complex()):
+            raise TypeError(
+                f"{name} holds a tensor of dtype {x.dtype}; only floating-point tensors can be "
+                "differentiated. Pass integer buffers (e.g. num_batches_tracked) through the batch "
+                "arguments instead"
+            )
+
+
+def state_dtype(log_scale: Tensor) -> None:
+    if log_scale.dim() != 1 or not log_scale.is_floating_point():
+        raise ValueError(
+            f"log_scale must be a floating [T] tensor, got {tuple(log_scale.shape)} "
+            f"of dtype {log_scale.dtype}"
+        )
+
+
+def finite_float(value: Any, name: str, *, positive: bool = False, low: float | None = None,
+                 high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value >= high:
+        raise ValueError(f"{name} must be < {high}, got {value}")
+    return value

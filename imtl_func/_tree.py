@@ -1,0 +1,52 @@
+"""Pytree helpers on `optree` used by the steps (internal)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import optree
+import torch
+from torch import Tensor
+
+PyTree = Any
+
+
+def leaves(tree: PyTree) -> list[Tensor]:
+    """Tensor leaves of ``tree`` in a fixed order (``None`` is an empty subtree)."""
+    return optree.tree_leaves(tree, none_is_leaf=False)
+
+
+def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
+    return optree.tree_map(fn, tree, *rest, none_is_leaf=False)
+
+
+def contract(weights: Tensor, jac: PyTree) -> PyTree:
+    """``Σ_t weights[t] · jac[t]`` for every leaf of a stacked pytree.
+
+    weights: [T]; each leaf of ``jac``: [T, *shape]  ->  leaf of shape [*shape].
+    """
+    return tree_map(lambda j: torch.tensordot(weights.to(j.dtype), j, dims=1), jac)
+
+
+def sum_rows(jac: PyTree) -> PyTree:
+    """Sum of a stacked pytree over its leading axis."""
+    return tree_map(lambda j: j.sum(0), jac)
+
+
+def all_finite(*trees: PyTree) -> Tensor:
+    """A bool scalar: every element of every floating leaf is finite."""
+    flags = [torch.isfinite(x).all() for t in trees for x in leaves(t) if x.is_floating_point()]
+    if not flags:
+        return torch.tensor(True)
+    return torch.stack(flags).all()
+
+
+def where(cond: Tensor, tree: PyTree, other: PyTree) -> PyTree:
+    """Leaf-wise ``torch.where(cond, a, b)`` with a scalar ``cond``."""
+    return tree_map(lambda a, b: torch.where(cond, a, b), tree, other)
+
+
+def zeros_where_not(cond: Tensor, tree: PyTree) -> PyTree:
+    """Leaves of ``tree`` where ``cond`` holds, zeros (never NaN) elsewhere."""
+    return tree_map(lambda a: torch.where(cond, a, torch.zeros_like(a)), tree)

@@ -1,0 +1,142 @@
+"""IMTL-G task weights from a Gramian, and the Gramian of a stacked pytree Jacobian.
+
+The weights depend on the task gradients g_1..g_T only through their Gramian
+K_ij = <g_i, g_j>, so nothing here ever holds the T gradients side by side.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from imtl_func import _checks
+from imtl_func._tree import PyTree, leaves
+
+__all__ = ["GWeights", "gramian", "imtl_g_weights"]
+
+#: A task whose gradient norm is at most this fraction of the largest one has no direction.
+NORM_CUTOFF = 1e-10
+#: ``‖Cβ − 1‖ / √m`` above this means no nonzero vector has equal projections.
+RESIDUAL_TOL = 1e-6
+#: ``|Σw| / Σ|w|`` at or below this means the common projection is unbounded.
+SUM_TOL = 1e-8
+
+
+class GWeights(NamedTuple):
+    """IMTL-G weights and what they were read from.
+
+    Attributes:
+        alpha: ``[T]`` weights with ``Σ α_t = 1`` (all zeros in a degenerate case). The combined
+            gradient ``g = Σ_t α_t g_t`` has ``<g, g_t / ‖g_t‖> = projection`` for every task with
+            a nonzero gradient. Never clipped: weights may be negative.
+        projection: ``[]`` the common projection ``c = 1 / Σ_t w_t`` (0 when degenerate). A
+            negative ``c`` means a step along ``-g`` raises every task's loss.
+        degenerate: ``[]`` bool, True when no nonzero vector has equal projections (e.g. opposite
+            gradients), when the projection is unbounded, or when every gradient is zero. Then
+            ``alpha`` is zero and the shared update is zero.
+        norm: ``[T]`` task-gradient norms ``√K_tt``.
+        cosine: ``[T, T]`` cosine similarities of the task gradients (rows and columns of tasks
+            without a direction are 0).
+    """
+
+    alpha: Tensor
+    projection: Tensor
+    degenerate: Tensor
+    norm: Tensor
+    cosine: Tensor
+
+
+def gramian(jac: PyTree) -> Tensor:
+    """Gramian ``K = J Jᵀ`` of a stacked pytree Jacobian, as a sum of per-leaf Gramians.
+
+    Args:
+        jac: pytree whose leaves have shape ``[T, *leaf_shape]`` (row t is the gradient of task t
+            with respect to that leaf).
+
+    Returns:
+        ``[T, T]`` float64 tensor ``K_ij = Σ_leaves <J_i, J_j>``. Each leaf's product runs in the
+        leaf's dtype (float32 for half precision), and the sum in float64. The T × P matrix of
+        all leaves side by side is never formed.
+    """
+    rows = leaves(jac)
+    if not rows:
+        raise ValueError("gramian: the Jacobian pytree has no tensor leaves")
+    num_tasks = rows[0].shape[0] if rows[0].dim() > 0 else 0
+    total: Tensor | None = None
+    for j in rows:
+        if j.dim() == 0 or j.shape[0] != num_tasks:
+            raise ValueError(
+                "gramian: every Jacobian leaf needs the same leading task axis; got shapes "
+                f"{[tuple(x.shape) for x in rows]}"
+            )
+        flat = j.reshape(num_tasks, -1)
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()
+        part = (flat @ flat.mT).to(torch.float64)
+        total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+def imtl_g_weights(gramian: Tensor, *, rtol: float | None = None) -> GWeights:
+    """IMTL-G weights from the Gramian of the task gradients, defined for every Gramian.
+
+    With ``n_t = √K_tt`` and the cosine matrix ``C = diag(n)⁻¹ K diag(n)⁻¹``, the paper's weights
+    are ``α ∝ (C⁻¹ 1) / n`` (equivalently ``K⁻¹ n / 1ᵀK⁻¹n``, equivalently the closed form
+    ``α_{2:T} = g_1 Uᵀ (D Uᵀ)⁻¹``). This function computes them in float64, branch-free:
+
+    1. tasks with ``n_t ≤ 1e-10 · max n`` have no direction: ``α_t = 0``;
+    2. ``β = C⁺ 1`` over the remaining tasks (minimum-norm least squares);
+    3. if ``‖Cβ − 1‖`` is not ≈ 0, only the zero vector has equal projections: ``α = 0``;
+    4. ``w = β / n`` and ``α = w / Σw``; if ``|Σw|`` is negligible against ``Σ|w|`` the common
+       projection is unbounded: ``α = 0``.
+
+    This equals the paper wherever its inverse exists and never returns NaN. Multiplying every
+    gradient by ``k > 0`` leaves ``α`` unchanged; scaling gradient t by ``k_t`` gives
+    ``α'_t ∝ α_t / k_t``.
+
+    Args:
+        gramian: ``[T, T]`` symmetric positive semi-definite matrix ``K_ij = <g_i, g_j>``.
+        rtol: relative cut-off for small eigenvalues of ``C`` in the pseudo-inverse; default
+            ``max(T, 10) · eps`` of the Gramian's dtype (its rounding level).
+
+    Returns:
+        :class:`GWeights` in the Gramian's dtype (``degenerate`` is bool). No autograd graph.
+    """
+    _checks.square_matrix(gramian, "gramian")
+    dtype = gramian.dtype
+    num_tasks = gramian.shape[0]
+    if rtol is None:
+        rtol = max(num_tasks, 10) * torch.finfo(dtype).eps
+    k = gramian.detach().to(torch.float64)
+    k = (k + k.mT) / 2
+    eye = torch.eye(num_tasks, dtype=torch.float64, device=k.device)
+
+    norm = k.diagonal().clamp_min(0).sqrt()
+    active = norm > NORM_CUTOFF * norm.max()
+    safe_norm = torch.where(active, norm, torch.ones_like(norm))
+    pair = active[:, None] & active[None, :]
+    cosine = torch.where(pair, k / (safe_norm[:, None] * safe_norm[None, :]), 0.0)
+    # Tasks without a direction get an identity row and a zero right-hand side, so β_t = 0.
+    c = torch.where(pair, cosine, eye)
+    ones = active.to(torch.float64)
+    beta = torch.linalg.pinv(c, rtol=rtol, hermitian=True) @ ones
+
+    count = active.sum().clamp_min(1).to(torch.float64)
+    consistent = torch.linalg.vector_norm(c @ beta - ones) <= RESIDUAL_TOL * count.sqrt()
+    w = beta / safe_norm
+    total = w.sum()
+    bounded = total.abs() > SUM_TOL * w.abs().sum()
+    ok = consistent & bounded & active.any()
+    safe_total = torch.where(ok, total, torch.ones_like(total))
+    alpha = torch.where(ok, w / safe_total, 0.0)
+    projection = torch.where(ok, 1 / safe_total, 0.0)
+    return GWeights(
+        alpha=alpha.to(dtype),
+        projection=projection.to(dtype),
+        degenerate=~ok,
+        norm=norm.to(dtype),
+        cosine=cosine.to(dtype),
+    )
