@@ -17,7 +17,7 @@ from torch import Tensor
 from imtl_func import _checks
 from imtl_func._tree import where
 from imtl_func.scales import ScaleRule, scale_newton
-from imtl_func.weights import imtl_g_weights
+from imtl_func.weights import default_rtol, imtl_g_weights
 
 __all__ = ["IMTLState", "Info", "Transform", "Weights", "init", "transform"]
 
@@ -181,7 +181,7 @@ def transform(
             eye = torch.eye(num_tasks, dtype=k.dtype, device=k.device)
             scale64 = scale.detach().to(k.dtype)
             k = torch.where(finite, k, eye) * scale64[:, None] * scale64[None, :]
-            g = imtl_g_weights(k)
+            g = imtl_g_weights(k, rtol=default_rtol(gramian.dtype))
             alpha, projection = g.alpha, g.projection
             if flip_negative:
                 sign = torch.where(projection < 0, -1.0, 1.0).to(alpha.dtype)

@@ -14,7 +14,7 @@ from torch import Tensor
 from imtl_func import _checks
 from imtl_func._tree import PyTree, leaves
 
-__all__ = ["GWeights", "gramian", "imtl_g_weights"]
+__all__ = ["GWeights", "default_rtol", "gramian", "imtl_g_weights"]
 
 #: A task whose gradient norm is at most this fraction of the largest one has no direction.
 NORM_CUTOFF = 1e-10
@@ -22,6 +22,14 @@ NORM_CUTOFF = 1e-10
 RESIDUAL_TOL = 1e-6
 #: ``|Σw| / Σ|w|`` at or below this means the common projection is unbounded.
 SUM_TOL = 1e-8
+#: Eigenvalues of the cosine matrix below this many ulps of its dtype (times the largest one) are
+#: rounding noise: exactly parallel or opposite gradients never give an exactly singular matrix.
+RTOL_ULPS = 1000.0
+
+
+def default_rtol(dtype: torch.dtype) -> float:
+    """Pseudo-inverse cut-off for a Gramian computed in ``dtype``: ``1000 · eps(dtype)``."""
+    return RTOL_ULPS * torch.finfo(dtype).eps
 
 
 class GWeights(NamedTuple):
@@ -56,15 +64,17 @@ def gramian(jac: PyTree) -> Tensor:
             with respect to that leaf).
 
     Returns:
-        ``[T, T]`` float64 tensor ``K_ij = Σ_leaves <J_i, J_j>``. Each leaf's product runs in the
-        leaf's dtype (float32 for half precision), and the sum in float64. The T × P matrix of
-        all leaves side by side is never formed.
+        ``[T, T]`` tensor ``K_ij = Σ_leaves <J_i, J_j>`` in the widest leaf dtype (at least
+        float32). Each leaf's product runs in the leaf's dtype (float32 for half precision), the
+        sum over leaves in float64. The T × P matrix of all leaves side by side is never formed.
+        The dtype tells :func:`imtl_g_weights` the rounding level of the entries.
     """
     rows = leaves(jac)
     if not rows:
         raise ValueError("gramian: the Jacobian pytree has no tensor leaves")
     num_tasks = rows[0].shape[0] if rows[0].dim() > 0 else 0
     total: Tensor | None = None
+    out_dtype = torch.float32
     for j in rows:
         if j.dim() == 0 or j.shape[0] != num_tasks:
             raise ValueError(
@@ -74,10 +84,11 @@ def gramian(jac: PyTree) -> Tensor:
         flat = j.reshape(num_tasks, -1)
         if flat.dtype in (torch.float16, torch.bfloat16):
             flat = flat.float()
+        out_dtype = torch.promote_types(out_dtype, flat.dtype)
         part = (flat @ flat.mT).to(torch.float64)
         total = part if total is None else total + part
     assert total is not None
-    return total
+    return total.to(out_dtype)
 
 
 def imtl_g_weights(gramian: Tensor, *, rtol: float | None = None) -> GWeights:
@@ -100,7 +111,9 @@ def imtl_g_weights(gramian: Tensor, *, rtol: float | None = None) -> GWeights:
     Args:
         gramian: ``[T, T]`` symmetric positive semi-definite matrix ``K_ij = <g_i, g_j>``.
         rtol: relative cut-off for small eigenvalues of ``C`` in the pseudo-inverse; default
-            ``max(T, 10) · eps`` of the Gramian's dtype (its rounding level).
+            :func:`default_rtol` of the Gramian's dtype (1000 ulps: 2.2e-13 for float64,
+            1.2e-4 for float32), so that rounding noise of exactly parallel or opposite
+            gradients is not inverted.
 
     Returns:
         :class:`GWeights` in the Gramian's dtype (``degenerate`` is bool). No autograd graph.
@@ -109,7 +122,7 @@ def imtl_g_weights(gramian: Tensor, *, rtol: float | None = None) -> GWeights:
     dtype = gramian.dtype
     num_tasks = gramian.shape[0]
     if rtol is None:
-        rtol = max(num_tasks, 10) * torch.finfo(dtype).eps
+        rtol = default_rtol(dtype)
     k = gramian.detach().to(torch.float64)
     k = (k + k.mT) / 2
     eye = torch.eye(num_tasks, dtype=torch.float64, device=k.device)
@@ -122,7 +135,7 @@ def imtl_g_weights(gramian: Tensor, *, rtol: float | None = None) -> GWeights:
     # Tasks without a direction get an identity row and a zero right-hand side, so β_t = 0.
     c = torch.where(pair, cosine, eye)
     ones = active.to(torch.float64)
-    beta = torch.linalg.pinv(c, rtol=rtol, hermitian=True) @ ones
+    beta = torch.where(active, torch.linalg.pinv(c, rtol=rtol, hermitian=True) @ ones, 0.0)
 
     count = active.sum().clamp_min(1).to(torch.float64)
     consistent = torch.linalg.vector_norm(c @ beta - ones) <= RESIDUAL_TOL * count.sqrt()
