@@ -125,8 +125,9 @@ def test_docs_have_snippets() -> None:
 
 
 def test_api_reference_covers_every_export() -> None:
-    """Every name in ``__all__`` of imtl_func and imtl_func.nn has a ``:::`` entry in docs/api."""
-    import imtl_func.nn  # binds imtl_func too
+    """Every name in ``__all__`` of the public modules has a ``:::`` entry in docs/api."""
+    import imtl_func.distributed
+    import imtl_func.nn
 
     text = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "docs" / "api").glob("*.md"))
     documented = set(re.findall(r"^::: ([\w.]+)\s*$", text, flags=re.MULTILINE))
@@ -138,7 +139,8 @@ def test_api_reference_covers_every_export() -> None:
         # a submodule of the same name shadows imtl_func.transform for mkdocstrings
         return bool({path, f"{path}.{name}"} & documented)
 
-    missing = [f"{module.__name__}.{name}" for module in (imtl_func, imtl_func.nn)
+    modules = (imtl_func, imtl_func.nn, imtl_func.distributed)
+    missing = [f"{module.__name__}.{name}" for module in modules
                for name in module.__all__ if not covered(module, name)]
     assert not missing, f"add these to a page in docs/api/: {missing}"
 
