@@ -27,7 +27,7 @@ from imtl_func import distributed as _dist
 from imtl_func._tree import PyTree, all_finite, contract, tree_map, where, zeros_where_not
 from imtl_func.jacobian import pullback_rows
 from imtl_func.scales import ScaleRule
-from imtl_func.transform import IMTLState, Info, Transform, transform
+from imtl_func.transforms import IMTLState, Info, Transform, transform
 from imtl_func.weights import gramian
 
 __all__ = ["Grads", "Losses", "StepResult", "mtl_value_and_grad", "value_and_grad"]
@@ -196,6 +196,9 @@ def mtl_value_and_grad(
         method: ``'loss'``, ``'gradient'``, ``'hybrid'`` or a :class:`Transform`.
         scale_rule: log-scale update rule (default :func:`imtl_func.scale_newton`).
         flip_negative: see :func:`imtl_func.transform`.
+        encoder_has_aux: ``encode`` returns ``(features, aux)`` (e.g. updated BatchNorm buffers).
+        has_aux: ``decode`` returns ``(losses, aux)``. Either aux comes back in
+            ``StepResult.aux = (encoder_aux, decoder_aux)``.
         chunk_size: rows of the batched head backward per vmap call (``1``: a plain loop).
         reduce: data parallelism (like JAX's ``axis_name``): ``reduce(x)`` returns the sum of a
             1-D tensor over the replicas, e.g. :func:`imtl_func.distributed.all_sum`. Each
@@ -272,7 +275,10 @@ def value_and_grad(
         loss_fn: ``loss_fn(shared_params, task_params, *batch) -> losses`` with ``losses`` a
             ``[T]`` tensor or :class:`Losses` (or ``(losses, aux)`` with ``has_aux``). Which
             leaves are shared is said by which argument holds them.
-        method, scale_rule, flip_negative: as in :func:`mtl_value_and_grad`.
+        method: ``'loss'``, ``'gradient'``, ``'hybrid'`` or a :class:`Transform`.
+        scale_rule: log-scale update rule (default :func:`imtl_func.scale_newton`).
+        flip_negative: see :func:`imtl_func.transform`.
+        has_aux: ``loss_fn`` returns ``(losses, aux)``; ``aux`` comes back as ``StepResult.aux``.
         chunk_size: Jacobian rows per vmap call; bounds the memory of the ``T × |θ|`` Jacobian
             pass (``1``: a plain loop).
         reduce: as in :func:`mtl_value_and_grad`. A row of the global Jacobian is a sum over

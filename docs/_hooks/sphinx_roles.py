@@ -28,11 +28,6 @@ def _exported(package: griffe.Object, name: str) -> str | None:
             continue
         exports = owner.exports
         if exports is not None and name in exports:
-            member = owner.members.get(name)
-            if member is not None and member.is_module:
-                # A submodule of the same name shadows the export statically (imtl_func.transform):
-                # the API page documents the object at its full path.
-                return f"{member.path}.{name}"
             return f"{module}.{name}"
     return None
 

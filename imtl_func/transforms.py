@@ -190,8 +190,11 @@ def transform(
             if flip_negative:
                 sign = torch.where(projection < 0, -1.0, 1.0).to(alpha.dtype)
                 alpha, projection = alpha * sign, projection * sign
-            shared = alpha * scale64
-            info_g = (g.norm, g.cosine, projection, g.degenerate)
+            shared = alpha * scale64  # float64 weights for the contraction
+            # Logged values in the state's dtype, like `scale` and `scale_grad`.
+            alpha = alpha.to(s.dtype)
+            info_g = (g.norm.to(s.dtype), g.cosine.to(s.dtype), projection.to(s.dtype),
+                      g.degenerate)
         else:
             alpha = torch.ones_like(scale)
             shared = scale
@@ -217,8 +220,17 @@ def init(
 ) -> IMTLState:
     """Initial :class:`IMTLState` for ``num_tasks`` tasks: ``transform(method, ...).init(...)``.
 
-    ``log_scale`` sets the initial ``s`` (the original module's ``init_loss``); default zeros,
-    as in the paper. Pass the same ``scale_rule`` as to the step.
+    Args:
+        num_tasks: number of tasks T.
+        method: ``'loss'``, ``'gradient'`` or ``'hybrid'``.
+        scale_rule: the same rule as passed to the step (its state is created here).
+        log_scale: initial ``s``, T numbers (the original module's ``init_loss``); default
+            zeros, as in the paper. Must be None for 'gradient'.
+        dtype: dtype of the state tensors.
+        device: device of the state tensors.
+
+    Returns:
+        :class:`IMTLState` with ``log_scale`` ``[T]`` and the rule's initial state.
     """
     tx = transform(method, scale_rule=scale_rule)
     return tx.init(num_tasks, log_scale=log_scale, dtype=dtype, device=device)
