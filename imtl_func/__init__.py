@@ -7,6 +7,7 @@
 * :mod:`imtl_func.nn`: a stateful ``nn.Module`` for ordinary PyTorch loops.
 """
 
+from imtl_func import nn
 from imtl_func.jacobian import pullback_rows, task_jacobian
 from imtl_func.scales import (
     AdamState,
@@ -22,7 +23,7 @@ from imtl_func.scales import (
 )
 from imtl_func.steps import Grads, Losses, StepResult, mtl_value_and_grad, value_and_grad
 from imtl_func.transform import IMTLState, Info, Transform, Weights, init, transform
-from imtl_func.weights import GWeights, gramian, imtl_g_weights
+from imtl_func.weights import GWeights, default_rtol, gramian, imtl_g_weights
 
 __version__ = "0.1.0"
 
@@ -39,10 +40,12 @@ __all__ = [
     "StepResult",
     "Transform",
     "Weights",
+    "default_rtol",
     "gramian",
     "imtl_g_weights",
     "init",
     "mtl_value_and_grad",
+    "nn",
     "pullback_rows",
     "scale_adam",
     "scale_frozen",

@@ -1,0 +1,390 @@
+"""A stateful IMTL module for ordinary PyTorch loops (``loss.backward()`` and ``torch.optim``).
+
+:class:`IMTL` keeps the usage of the original IMTL module: it holds the IMTL-L log-scales as an
+``nn.Parameter`` that the user's optimizer trains next to the network, and one call writes every
+gradient into ``.grad``::
+
+    imtl = IMTL(method="hybrid", num_losses=5).to(device)
+    optimizer = torch.optim.Adam(itertools.chain(net.parameters(), imtl.parameters()), lr=1e-3)
+    z = net.encoder(x)
+    losses = [l1, l2, l3, l4, l5]
+    shared, specific = imtl(z, losses)        # feature level: task gradients w.r.t. z
+    # or: imtl.backward(shared_parameters=net.encoder.parameters(), losses=losses)
+    optimizer.step(); optimizer.zero_grad()
+
+The math is the functional core's: :func:`imtl_func.gramian` of the task gradients and
+``imtl_func.transform(method).update`` for the weights. The module only moves tensors between the
+existing autograd graph and the core: one batched backward pass (``is_grads_batched=True``) gives
+all T task gradients, one ``torch.autograd.backward`` writes the result.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parameter import UninitializedParameter
+
+from imtl_func import _checks
+from imtl_func._tree import contract
+from imtl_func.scales import EmptyState, scale_frozen
+from imtl_func.transform import IMTLState, Info, transform
+from imtl_func.weights import gramian
+
+__all__ = ["IMTL", "IMTLOutput"]
+
+
+class IMTLOutput(NamedTuple):
+    """What one :class:`IMTL` call returns: detached values for logging (no autograd graph).
+
+    Unpacks as a pair (``shared, specific = imtl(z, losses)`` or
+    ``grad_loss, scaled_losses = imtl.backward(...)``).
+
+    Attributes:
+        grad_loss: ``[]`` ``Σ_t α_t L_t`` over the active tasks, where ``L_t`` is the scaled loss
+            below and ``α`` the IMTL-G weights (ones for 'loss'). Its gradient with respect to the
+            shared parameters, ``α`` held constant, is what they received (the feature-level call
+            back-propagates it through ``z``).
+        scaled_losses: ``[T]`` ``L_t = e^{s_t} ℓ_t − s_t`` with the log-scales before the optimizer
+            step (the raw ``ℓ_t`` for 'gradient'), for every task, skipped ones included. The
+            heads received ``∇ Σ_t L_t``.
+    """
+
+    grad_loss: Tensor
+    scaled_losses: Tensor
+
+
+def _flat_tensors(tree: Any, name: str) -> list[Tensor]:
+    """Tensors of a tensor, a mapping or a (nested) iterable of them, in order, without repeats.
+
+    ``[model.parameters()]`` (a list holding a generator) is accepted, as in the original README.
+    """
+    out: list[Tensor] = []
+    seen: set[int] = set()
+
+    def visit(x: Any) -> None:
+        if isinstance(x, Tensor):
+            if id(x) not in seen:
+                seen.add(id(x))
+                out.append(x)
+        elif isinstance(x, Mapping):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, Iterable) and not isinstance(x, (str, bytes)):
+            for v in x:
+                visit(v)
+        else:
+            raise TypeError(f"{name} must hold only tensors, found {type(x).__name__}")
+
+    visit(tree)
+    return out
+
+
+def _reached(roots: Sequence[Tensor], targets: Sequence[Tensor]) -> list[bool]:
+    """Whether the autograd graph of ``roots`` leads to each target tensor.
+
+    A non-leaf target is found by its ``grad_fn``, a leaf by its ``AccumulateGrad`` node. Reads
+    the graph only (no backward pass), so it can validate the inputs before any ``.grad`` is
+    touched.
+    """
+    by_node = {id(t.grad_fn): i for i, t in enumerate(targets) if t.grad_fn is not None}
+    by_leaf = {id(t): i for i, t in enumerate(targets) if t.grad_fn is None}
+    found = [False] * len(targets)
+    stack = [r.grad_fn for r in roots if r.grad_fn is not None]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if id(node) in by_node:
+            found[by_node[id(node)]] = True
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in by_leaf:
+            found[by_leaf[id(variable)]] = True
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return found
+
+
+class IMTL(nn.Module):
+    """Impartial Multi-Task Learning (Liu et al., ICLR 2021) as a module for ordinary loops.
+
+    A call computes the IMTL gradients and accumulates them into ``.grad``, like ``backward()``:
+
+    * shared parameters: the IMTL-G combination ``Σ_t α_t e^{s_t} ∇ℓ_t`` ('hybrid'),
+      ``Σ_t α_t ∇ℓ_t`` ('gradient') or ``Σ_t e^{s_t} ∇ℓ_t`` ('loss');
+    * every other parameter the losses depend on (the heads): ``Σ_t e^{s_t} ∇ℓ_t``
+      (``Σ_t ∇ℓ_t`` for 'gradient'), i.e. each head its own (scaled) task gradient;
+    * the log-scales :attr:`log_scale`: ``e^{s_t} ℓ_t − 1`` (what autograd gives for
+      ``L_t = e^{s_t} ℓ_t − s_t``), so the user's optimizer trains them.
+
+    Two call styles:
+
+    * ``imtl(z, losses)``, feature level (the paper's practice): ``α`` from the task gradients
+      with respect to the shared feature ``z`` (flattened over the whole batch and every tensor
+      of ``z``); the encoder receives ``J_zᵀ Σ_t α_t g_t``. Parameters that reach a loss without
+      passing through ``z`` receive ``Σ_t e^{s_t} ∇ℓ_t`` like the heads.
+    * ``imtl.backward(shared_parameters=..., losses=...)``, parameter level: ``α`` from the task
+      gradients with respect to the shared parameters themselves (exact, a ``T × |θ|``
+      Jacobian).
+
+    Losses whose ``requires_grad`` is False are skipped: they get no gradient, their scale gets a
+    zero gradient, and ``α`` is computed over the active tasks only (as if the skipped tasks were
+    not in the list). A zero gradient leaves a scale unchanged under SGD and under Adam from a
+    fresh state; an optimizer with accumulated momentum or weight decay still moves it. With
+    every loss skipped (e.g. under ``torch.no_grad()``), a call only returns the logging values.
+
+    If a loss or a task gradient is not finite, nothing is written to ``.grad``, a
+    ``RuntimeWarning`` is issued and :attr:`finite` is False: skip ``optimizer.step()`` for that
+    batch (with ``zero_grad(set_to_none=True)``, torch's default, a step over ``None`` gradients
+    does nothing for the parameters IMTL would have updated). The check covers the losses and
+    the task gradients the module computes ('loss' computes none); a NaN produced inside the
+    network's own backward from finite losses reaches ``.grad`` as it would with
+    ``loss.backward()``.
+
+    The shared tensors (``z`` or the shared parameters) get their gradient through a tensor hook
+    that replaces what arrives through the heads by the IMTL combination: a tensor hook the user
+    registered on those same tensors with ``register_hook`` sees the head-path gradient and its
+    result is replaced. Post-accumulate-grad hooks (DDP, optimizer-in-backward) see the IMTL
+    gradient as usual.
+
+    The returned values are detached numbers for logging (:class:`IMTLOutput`); the backward
+    pass has already run, so do not call ``backward()`` on them.
+
+    Args:
+        method: ``'hybrid'`` (IMTL, the paper's Algorithm 1; default), ``'gradient'`` (IMTL-G, no
+            parameters) or ``'loss'`` (IMTL-L).
+        num_losses: number of tasks T. ``None``: taken from ``init_loss`` or, if that is None
+            too, from the first call (the log-scale parameter exists from construction, so an
+            optimizer can be built before the first call).
+        init_loss: initial log-scales ``s`` (T numbers); default zeros, as in the paper.
+        retain_graph: keep the autograd graph after the call (default True), so that losses
+            sharing it (``other_loss.backward()``) can still be back-propagated.
+
+    Attributes:
+        log_scale: ``[T]`` ``nn.Parameter`` of log-scales ``s`` (``None`` for 'gradient').
+        info: the core's :class:`imtl_func.Info` of the last call, over its active tasks
+            (``None`` before the first call and when every loss was skipped).
+        active: per task, whether the last call used it (``requires_grad`` True).
+    """
+
+    log_scale: Tensor | None
+
+    def __init__(
+        self,
+        method: str = "hybrid",
+        num_losses: int | None = None,
+        init_loss: Sequence[float] | Tensor | None = None,
+        *,
+        retain_graph: bool = True,
+    ) -> None:
+        super().__init__()
+        self.method = _checks.method(method)
+        self.retain_graph = bool(retain_graph)
+        self._tx = transform(self.method, scale_rule=scale_frozen())
+        if num_losses is not None:
+            _checks.num_tasks(num_losses)
+        if init_loss is not None:
+            if self.method == "gradient":
+                raise ValueError("method='gradient' has no loss scales: init_loss must be None")
+            size = len(init_loss)
+            if num_losses is not None and size != num_losses:
+                raise ValueError(f"init_loss has {size} entries but num_losses={num_losses}")
+            num_losses = size
+        self._num_losses = num_losses
+        self.info: Info | None = None
+        self.active: tuple[bool, ...] = ()
+        if not self._tx.learns_scales:
+            self.register_parameter("log_scale", None)
+        elif num_losses is None:
+            self.log_scale = UninitializedParameter(dtype=torch.get_default_dtype())
+        else:
+            state = self._tx.init(num_losses, log_scale=init_loss, dtype=torch.get_default_dtype())
+            self.log_scale = nn.Parameter(state.log_scale)
+
+    # ------------------------------------------------------------------ size and state_dict
+
+    @property
+    def num_losses(self) -> int | None:
+        """T, or None while the module waits for its first call to size itself."""
+        return self._num_losses
+
+    @property
+    def finite(self) -> bool:
+        """False when the last call met a non-finite loss or gradient (and wrote no ``.grad``)."""
+        return self.info is None or bool(self.info.finite)
+
+    def _size(self, num_losses: int) -> None:
+        if self._num_losses is None:
+            _checks.num_tasks(num_losses)
+            self._num_losses = num_losses
+            if isinstance(self.log_scale, UninitializedParameter):
+                self.log_scale.materialize((num_losses,))
+                with torch.no_grad():
+                    self.log_scale.zero_()
+        elif num_losses != self._num_losses:
+            raise ValueError(f"IMTL got {num_losses} losses but was built for {self._num_losses}; "
+                             "pass every task's loss on every call (set requires_grad=False, "
+                             "e.g. with .detach(), to skip a task)")
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
+                            keep_vars: bool) -> None:
+        if isinstance(self.log_scale, UninitializedParameter):
+            destination[prefix + "log_scale"] = self.log_scale  # unsized: saved as is
+            return
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any,
+                              **kwargs: Any) -> None:
+        key = prefix + "log_scale"
+        incoming = state_dict.get(key)
+        if isinstance(incoming, Tensor) and self.log_scale is not None:
+            lazy_in = isinstance(incoming, UninitializedParameter)
+            lazy_here = isinstance(self.log_scale, UninitializedParameter)
+            if lazy_in and lazy_here:
+                return
+            if lazy_in:
+                raise RuntimeError(f"{key}: cannot load the scales of an unsized IMTL module into "
+                                   f"one sized for {self._num_losses} losses")
+            if lazy_here and incoming.dim() == 1:
+                self._size(incoming.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, num_losses={self._num_losses}"
+
+    # ------------------------------------------------------------------ calls
+
+    def forward(self, z: Tensor | Sequence[Tensor], losses: Sequence[Tensor] | Tensor
+                ) -> IMTLOutput:
+        """Feature-level IMTL: task gradients with respect to the shared feature ``z``.
+
+        Args:
+            z: the shared feature (encoder output before pooling/heads), a tensor or a sequence
+                of tensors, part of the autograd graph of ``losses``.
+            losses: T raw task losses, scalar tensors (or a ``[T]`` tensor).
+
+        Returns:
+            :class:`IMTLOutput` (detached). The gradients are already in ``.grad``.
+        """
+        return self._step(_flat_tensors(z, "z"), losses, "the feature z")
+
+    def backward(self, shared_parameters: Any, losses: Sequence[Tensor] | Tensor) -> IMTLOutput:
+        """Parameter-level IMTL: task gradients with respect to the shared parameters.
+
+        Args:
+            shared_parameters: the shared parameters (an iterable such as
+                ``net.encoder.parameters()``, possibly nested, or a dict). Parameters with
+                ``requires_grad=False`` are ignored.
+            losses: T raw task losses, scalar tensors (or a ``[T]`` tensor).
+
+        Returns:
+            :class:`IMTLOutput` (detached). The gradients are already in ``.grad``.
+        """
+        params = [p for p in _flat_tensors(shared_parameters, "shared_parameters")
+                  if p.requires_grad]
+        if not params:
+            raise ValueError("shared_parameters holds no tensor that requires grad")
+        return self._step(params, losses, "shared parameter")
+
+    def _step(self, targets: list[Tensor], losses: Sequence[Tensor] | Tensor,
+              what: str) -> IMTLOutput:
+        items = _loss_items(losses)
+        self._size(len(items))
+        active = [bool(x.requires_grad) for x in items]
+        self.active = tuple(active)
+        values = torch.stack([x.detach().reshape(()) for x in items])
+
+        s_all = self._log_scale_values(values)
+        if s_all.device != values.device:
+            raise ValueError(f"the losses are on {values.device} but the IMTL scales on "
+                             f"{s_all.device}: move the module with imtl.to(device)")
+        scaled = values.to(s_all.dtype) * torch.exp(s_all) - s_all
+        if not any(active):
+            self.info = None
+            return IMTLOutput(values.new_zeros(()).to(scaled.dtype), scaled)
+
+        idx = torch.tensor([i for i, a in enumerate(active) if a], device=s_all.device)
+        vector = torch.stack([x.reshape(()) for x, a in zip(items, active, strict=True) if a])
+        _check_reached(vector, targets, what)
+        rows = None
+        k = None
+        if self._tx.needs_gramian:
+            eye = torch.eye(vector.shape[0], dtype=vector.dtype, device=vector.device)
+            rows = torch.autograd.grad(vector, targets, grad_outputs=eye, retain_graph=True,
+                                       is_grads_batched=True, allow_unused=True,
+                                       materialize_grads=True)
+            k = gramian(rows)
+        state = IMTLState(s_all[idx], EmptyState())
+        weights, _, info = self._tx.update(vector.detach(), k, state)
+        self.info = info
+        grad_loss = (info.alpha.to(scaled.dtype) * scaled[idx]).sum()
+        out = IMTLOutput(grad_loss, scaled)
+        if not bool(info.finite):
+            warnings.warn("IMTL: a loss or a task gradient is not finite; no .grad was written. "
+                          "Skip optimizer.step() for this batch.", RuntimeWarning, stacklevel=3)
+            return out
+
+        roots = [vector]
+        cotangents = [weights.task.to(device=vector.device, dtype=vector.dtype)]
+        if self.log_scale is not None and self.log_scale.requires_grad:
+            roots.append(self.log_scale)
+            cotangents.append(torch.zeros_like(s_all).index_copy(0, idx, info.scale_grad))
+        hooks = []
+        if rows is not None:
+            # The shared tensors receive exactly Σ_t w_shared[t] ∇ℓ_t: a hook replaces whatever
+            # reaches them through the heads (Σ_t w_task[t] ∇ℓ_t) by the IMTL combination.
+            for target, grad in zip(targets, contract(weights.shared, rows), strict=True):
+                hooks.append(target.register_hook(lambda _, grad=grad: grad))
+        try:
+            torch.autograd.backward(roots, cotangents, retain_graph=self.retain_graph)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return out
+
+    def _log_scale_values(self, like: Tensor) -> Tensor:
+        """Detached ``[T]`` log-scales (zeros for 'gradient') on the scales' device."""
+        if self.log_scale is None:
+            return torch.zeros_like(like)
+        return self.log_scale.detach()
+
+
+def _loss_items(losses: Sequence[Tensor] | Tensor) -> list[Tensor]:
+    """The task losses as a list of one-element floating tensors, with clear errors."""
+    if isinstance(losses, Tensor):
+        if losses.dim() != 1:
+            raise ValueError(f"losses as a tensor must have shape [T], got {tuple(losses.shape)}")
+        items = list(losses.unbind(0))
+    elif isinstance(losses, Sequence) and not isinstance(losses, (str, bytes)):
+        items = list(losses)
+    else:
+        raise TypeError(f"losses must be a list of scalar tensors, got {type(losses).__name__}")
+    if not items:
+        raise ValueError("losses is empty: pass one scalar loss per task")
+    for i, x in enumerate(items):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"losses[{i}] must be a scalar tensor, got {type(x).__name__}")
+        if x.numel() != 1:
+            raise ValueError(f"losses[{i}] must be a scalar, got shape {tuple(x.shape)}; reduce "
+                             "each task's loss to one number (e.g. .mean())")
+        if not x.is_floating_point():
+            raise TypeError(f"losses[{i}] must be floating point, got dtype {x.dtype}")
+    return items
+
+
+def _check_reached(vector: Tensor, targets: list[Tensor], what: str) -> None:
+    """Raise unless every target requires grad and some active loss depends on it."""
+    for i, t in enumerate(targets):
+        if not t.requires_grad:
+            raise ValueError(f"{what} #{i} (shape {tuple(t.shape)}) does not require grad, so no "
+                             "loss can depend on it; pass the encoder output itself, not a "
+                             "detached copy")
+    for i, ok in enumerate(_reached([vector], targets)):
+        if not ok:
+            raise ValueError(f"no active loss depends on {what} #{i} (shape "
+                             f"{tuple(targets[i].shape)}); pass the tensors that lead to the "
+                             "losses")
