@@ -111,6 +111,9 @@ METHODS: tuple[str, ...] = ("ew", "loss", "gradient", "hybrid")
 FEATURE_DIM = 32
 HIDDEN_DIM = 128
 PIXELS = 64
+#: Adam learning rate of the log-scales under ``--module`` (the functional step's default scale
+#: rule, :func:`imtl_func.scale_newton`, moves them by at most 0.1 per step).
+MODULE_SCALE_LR = 0.1
 
 
 # --------------------------------------------------------------------------------------- data
@@ -304,6 +307,8 @@ def make_step(method: str, encoder: nn.Module, heads: Heads, compile: bool = Fal
 
 def batch_order(num_train: int, batch_size: int, steps: int, seed: int) -> Tensor:
     """``[steps, batch_size]`` training indices: shuffled epochs, last partial batch dropped."""
+    if not 1 <= batch_size <= num_train:
+        raise ValueError(f"batch_size must be in [1, {num_train}], got {batch_size}")
     gen = torch.Generator().manual_seed(seed)
     per_epoch = num_train // batch_size
     epochs = math.ceil(steps / per_epoch)
@@ -346,7 +351,7 @@ def train(
     hist.alpha = torch.full((steps, NUM_TASKS), float("nan"))
     hist.scale = torch.full((steps, NUM_TASKS), float("nan"))
 
-    if use_module and method != "ew":
+    if use_module:
         step_fn = _module_stepper(method, encoder, heads, params, lr)
     else:
         step_fn = _functional_stepper(method, encoder, heads, params, lr, compile, device)
@@ -403,27 +408,42 @@ def _functional_stepper(method: str, encoder: nn.Module, heads: Heads, params: l
 
 def _module_stepper(method: str, encoder: nn.Module, heads: Heads, params: list[Tensor],
                     lr: float) -> StepFn:
-    """One training step with the stateful ``imtl_func.nn.IMTL`` module (``--module``)."""
+    """One training step in an ordinary loop with the stateful ``imtl_func.nn.IMTL`` module
+    (``--module``): ``imtl(z, losses)`` fills ``.grad``, then ``optimizer.step()``.
+
+    Equal weighting is ``losses.sum().backward()``. The log-scales are trained by the same Adam,
+    in their own parameter group with learning rate :data:`MODULE_SCALE_LR` (Adam moves each
+    parameter by about its learning rate per step, and the ink scale has to travel to
+    ``s ≈ −7``).
+    """
     try:
         from imtl_func.nn import IMTL
     except ImportError as err:  # the module lands separately (issue 3)
         raise SystemExit("--module needs imtl_func.nn.IMTL, which this version does not "
                          f"have ({err})") from err
     device = next(encoder.parameters()).device
-    module = IMTL(method=method, num_losses=NUM_TASKS).to(device)
-    opt = torch.optim.Adam([*params, *module.parameters()], lr=lr, foreach=True)
-    scales = [p for p in module.parameters()]
+    module = IMTL(method=method, num_losses=NUM_TASKS).to(device) if method != "ew" else None
+    groups: list[dict[str, Any]] = [{"params": params}]
+    if module is not None and module.log_scale is not None:
+        groups.append({"params": [module.log_scale], "lr": MODULE_SCALE_LR})
+    opt = torch.optim.Adam(groups, lr=lr, foreach=True)
+    ones = torch.ones(NUM_TASKS)
 
     def run(batch: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, bool]:
         x, cls, ge5, ink = batch
+        opt.zero_grad(set_to_none=True)
         z = encoder(x)
         losses = task_losses(heads(z), x, cls, ge5, ink)
+        if module is None:
+            losses.sum().backward()
+            opt.step()
+            return losses.detach().cpu(), ones, ones, True
         module(z, list(losses.unbind()))
-        opt.step()
-        opt.zero_grad()
-        scale = (scales[0].detach().exp().float().cpu() if scales
-                 else torch.ones(NUM_TASKS))
-        return losses.detach().cpu(), torch.full((NUM_TASKS,), float("nan")), scale, True
+        ok = module.finite
+        if ok:
+            opt.step()
+        info = module.info
+        return (losses.detach().cpu(), info.alpha.float().cpu(), info.scale.float().cpu(), ok)
 
     return run
 
@@ -515,7 +535,9 @@ def plot_metrics(histories: dict[str, History], path: Path, dpi: int = 100) -> P
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         if not spec.higher_is_better:
-            ax.set_yscale("log")
+            values = [m[j] for h in histories.values() for m in h.metrics]
+            if min(values) > 0 and max(values) > 10 * min(values):
+                ax.set_yscale("log")
         else:
             finals = [h.final[j] for h in histories.values()]
             ax.set_ylim(max(0.0, min(finals) - 15), 100.5)
@@ -526,7 +548,9 @@ def plot_metrics(histories: dict[str, History], path: Path, dpi: int = 100) -> P
 
 
 def _per_step_plot(histories: dict[str, History], attr: str, methods: Sequence[str],
-                   ylabel: str, title: str, path: Path, log: bool) -> Path | None:
+                   ylabel: str, title: str, path: Path) -> Path | None:
+    """Per-step values of ``attr`` (``[steps, T]``), one panel per method; a log axis when
+    every value is positive, a symmetric-log one otherwise (IMTL-G weights may be negative)."""
     from matplotlib.figure import Figure
 
     chosen = [m for m in methods if m in histories]
@@ -548,8 +572,11 @@ def _per_step_plot(histories: dict[str, History], attr: str, methods: Sequence[s
         ax.set_ylabel(ylabel, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        if log:
+        finite = values[torch.isfinite(values)]
+        if finite.numel() and bool((finite > 0).all()):
             ax.set_yscale("log")
+        else:
+            ax.set_yscale("symlog", linthresh=1e-3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path)
@@ -587,10 +614,9 @@ def write_plots(histories: dict[str, History], out: Path) -> list[Path]:
     """All PNGs of the run into ``out``; returns their paths."""
     paths = [plot_metrics(histories, out / "metrics.png")]
     alpha = _per_step_plot(histories, "alpha", ["gradient", "hybrid"], "α_t",
-                           "IMTL-G weights α on the (scaled) task gradients", out / "alpha.png",
-                           log=False)
+                           "IMTL-G weights α on the (scaled) task gradients", out / "alpha.png")
     scale = _per_step_plot(histories, "scale", ["loss", "hybrid"], "e^s_t",
-                           "IMTL-L loss scales e^s", out / "scales.png", log=True)
+                           "IMTL-L loss scales e^s", out / "scales.png")
     paths += [p for p in (alpha, scale) if p is not None]
     paths.append(plot_cosines(histories, out / "cosine.png"))
     return paths
@@ -668,13 +694,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--steps must be at least 1")
     if args.eval_every < 1 or args.batch_size < 1 or args.threads < 1:
         parser.error("--eval-every, --batch-size and --threads must be positive")
+    if args.compile and args.module:
+        parser.error("--compile compiles the functional step; it does not apply to --module")
     args.methods = methods
     return args
+
+
+def _require_extras(plots: bool) -> None:
+    """Exit with the install line when the ``examples`` extra is missing."""
+    import importlib.util
+
+    needed = ["sklearn", "tqdm", *(["matplotlib"] if plots else [])]
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"the demo needs {', '.join(missing)}: "
+                         "pip install 'imtl_func[examples]'")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, History]:
     """Run the demo from command-line arguments; return each method's :class:`History`."""
     args = parse_args(argv)
+    _require_extras(plots=not args.no_plots)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     data = load_data(device)

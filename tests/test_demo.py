@@ -174,9 +174,25 @@ def test_batch_order_covers_each_epoch_once() -> None:
     assert torch.equal(order, demo.batch_order(1437, 256, 12, seed=0))
 
 
-def test_bad_methods_flag_is_rejected() -> None:
-    with pytest.raises(SystemExit):
-        demo.parse_args(["--methods", "ew,nope"])
+def test_bad_flags_are_rejected() -> None:
+    for argv in (["--methods", "ew,nope"], ["--steps", "0"], ["--compile", "--module"]):
+        with pytest.raises(SystemExit):
+            demo.parse_args(argv)
+    with pytest.raises(ValueError, match="batch_size"):
+        demo.batch_order(100, 101, 3, seed=0)
+
+
+def test_module_path_matches_functional_path(data: demo.Data) -> None:
+    """'gradient' has no scales, so nn.IMTL in a plain loop and the functional step must train
+    the same network; EW with ``losses.sum().backward()`` must match the library's EW."""
+    pytest.importorskip("imtl_func.nn")
+    for method in ("gradient", "ew"):
+        fun = demo.train(method, data, steps=5, seed=0, eval_every=5, progress=False)
+        mod = demo.train(method, data, steps=5, seed=0, eval_every=5, progress=False,
+                         use_module=True)
+        torch.testing.assert_close(mod.train_loss, fun.train_loss, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mod.alpha, fun.alpha, rtol=1e-4, atol=1e-6)
+        assert mod.final == pytest.approx(fun.final, rel=1e-3)
 
 
 def test_module_flag(tmp_path: Path) -> None:
@@ -186,6 +202,7 @@ def test_module_flag(tmp_path: Path) -> None:
     assert (tmp_path / "metrics.json").exists()
 
 
+@pytest.mark.filterwarnings("ignore:'imtl_func.demo' found in sys.modules:RuntimeWarning")
 def test_command_line_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     """``python -m imtl_func.demo ...`` runs (in-process via runpy, to skip a second interpreter
