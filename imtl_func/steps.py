@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.func import vjp
 
 from imtl_func import _checks
+from imtl_func import distributed as _dist
 from imtl_func._tree import PyTree, all_finite, contract, tree_map, where, zeros_where_not
 from imtl_func.jacobian import pullback_rows
 from imtl_func.scales import ScaleRule
@@ -158,9 +159,12 @@ def _finish(
     new_state: IMTLState,
     info: Info,
     aux: Any,
+    replicas: _dist.Replicas | None = None,
 ) -> StepResult:
     """Skip the step (zero gradients, old state) unless every loss and gradient is finite."""
     finite = info.finite & torch.isfinite(vector).all() & all_finite(g_shared, g_task)
+    if replicas is not None:
+        finite = finite & replicas.finite
     return StepResult(
         losses=losses.detach(),
         grads=Grads(zeros_where_not(finite, g_shared), zeros_where_not(finite, g_task)),
@@ -180,6 +184,7 @@ def mtl_value_and_grad(
     encoder_has_aux: bool = False,
     has_aux: bool = False,
     chunk_size: int | None = None,
+    reduce: _dist.Reduce | None = None,
 ) -> Callable[..., StepResult]:
     """Feature-level IMTL step (the paper's practice): task gradients w.r.t. the shared feature.
 
@@ -192,6 +197,12 @@ def mtl_value_and_grad(
         scale_rule: log-scale update rule (default :func:`imtl_func.scale_newton`).
         flip_negative: see :func:`imtl_func.transform`.
         chunk_size: rows of the batched head backward per vmap call (``1``: a plain loop).
+        reduce: data parallelism (like JAX's ``axis_name``): ``reduce(x)`` returns the sum of a
+            1-D tensor over the replicas, e.g. :func:`imtl_func.distributed.all_sum`. Each
+            replica passes its slice of the global batch (every feature tensor split along the
+            batch); one reduction of the ``[T, T]`` Gramian, the losses and a non-finite flag
+            gives every replica the global α and state, a second one averages the gradients.
+            The result is that of one process on the global batch.
 
     Returns:
         ``step(shared_params, task_params, state, *batch) -> StepResult``. With
@@ -222,21 +233,25 @@ def mtl_value_and_grad(
         _checks.params(features, "the features returned by encode")
         vector, dec_pullback, num_tasks, dec_aux = _vjp(
             dec, has_aux, where_, _detached(task_params), features)
-        losses = _task_losses(vector, num_tasks, state, where_)
+        _task_losses(vector, num_tasks, state, where_)
 
+        k = None
         if tx.needs_gramian:
             task_rows, feature_rows = pullback_rows(dec_pullback, _rows(vector), chunk_size)
             k = gramian(tree_map(lambda j: j[:num_tasks], feature_rows))
-            weights, new_state, info = tx.update(losses, k, state)
+        vector, k, replicas = _dist.sum_statistics(reduce, vector, k)
+        losses = vector[:num_tasks]
+        weights, new_state, info = tx.update(losses, k, state)
+        if tx.needs_gramian:
             g_task = contract(_with_extra(weights.task, vector.shape[0]), task_rows)
             cotangent = contract(_with_extra(weights.shared, vector.shape[0]), feature_rows)
         else:
-            weights, new_state, info = tx.update(losses, None, state)
             g_task, cotangent = dec_pullback(
                 _with_extra(weights.task, vector.shape[0]).to(vector.dtype))
         (g_shared,) = enc_pullback(cotangent)
+        g_shared, g_task = _dist.mean_over_replicas(reduce, replicas, (g_shared, g_task))
         aux = None if not (encoder_has_aux or has_aux) else (enc_aux, dec_aux)
-        return _finish(losses, vector, g_shared, g_task, state, new_state, info, aux)
+        return _finish(losses, vector, g_shared, g_task, state, new_state, info, aux, replicas)
 
     return step
 
@@ -249,6 +264,7 @@ def value_and_grad(
     flip_negative: bool = False,
     has_aux: bool = False,
     chunk_size: int | None = None,
+    reduce: _dist.Reduce | None = None,
 ) -> Callable[..., StepResult]:
     """Parameter-level IMTL step: task gradients w.r.t. the shared parameters themselves.
 
@@ -259,6 +275,10 @@ def value_and_grad(
         method, scale_rule, flip_negative: as in :func:`mtl_value_and_grad`.
         chunk_size: Jacobian rows per vmap call; bounds the memory of the ``T × |θ|`` Jacobian
             pass (``1``: a plain loop).
+        reduce: as in :func:`mtl_value_and_grad`. A row of the global Jacobian is a sum over
+            replicas, so the whole ``T × |θ|`` shared Jacobian is reduced (with the losses and
+            the flag), then the task-specific gradients: T times the traffic of plain data
+            parallelism ('loss' needs no Jacobian and reduces only the gradients).
 
     Returns:
         ``step(shared_params, task_params, state, *batch) -> StepResult``; the shared parameters
@@ -280,18 +300,23 @@ def value_and_grad(
 
         vector, pullback, num_tasks, aux = _vjp(
             fn, has_aux, where_, _detached(shared_params), _detached(task_params))
-        losses = _task_losses(vector, num_tasks, state, where_)
+        _task_losses(vector, num_tasks, state, where_)
 
         if tx.needs_gramian:
             shared_rows, task_rows = pullback_rows(pullback, _rows(vector), chunk_size)
+            vector, shared_rows, replicas = _dist.sum_rows(reduce, vector, shared_rows)
             k = gramian(tree_map(lambda j: j[:num_tasks], shared_rows))
-            weights, new_state, info = tx.update(losses, k, state)
+            weights, new_state, info = tx.update(vector[:num_tasks], k, state)
             g_shared = contract(_with_extra(weights.shared, vector.shape[0]), shared_rows)
             g_task = contract(_with_extra(weights.task, vector.shape[0]), task_rows)
+            g_task = _dist.mean_over_replicas(reduce, replicas, g_task)
         else:
-            weights, new_state, info = tx.update(losses, None, state)
+            vector, _, replicas = _dist.sum_statistics(reduce, vector, None)
+            weights, new_state, info = tx.update(vector[:num_tasks], None, state)
             g_shared, g_task = pullback(
                 _with_extra(weights.task, vector.shape[0]).to(vector.dtype))
-        return _finish(losses, vector, g_shared, g_task, state, new_state, info, aux)
+            g_shared, g_task = _dist.mean_over_replicas(reduce, replicas, (g_shared, g_task))
+        return _finish(vector[:num_tasks], vector, g_shared, g_task, state, new_state, info, aux,
+                       replicas)
 
     return step

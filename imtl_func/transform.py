@@ -155,6 +155,10 @@ def transform(
         losses: Tensor, gramian: Tensor | None, state: IMTLState
     ) -> tuple[Weights, IMTLState, Info]:
         _checks.losses(losses, state.log_scale.shape[0], f"IMTL({method!r}).update")
+        if losses.device != state.log_scale.device:
+            raise ValueError(f"the losses are on {losses.device} but the IMTL state on "
+                             f"{state.log_scale.device}; create the state with "
+                             f"imtl_func.init(..., device={str(losses.device)!r})")
         losses = losses.detach()
         num_tasks = losses.shape[0]
         s = state.log_scale
