@@ -716,8 +716,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, History]:
     """Run the demo from command-line arguments; return each method's :class:`History`."""
     args = parse_args(argv)
     _require_extras(plots=not args.no_plots)
-    device = torch.device(args.device)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # leave an in-process caller's setting as it was
+
+
+def _run(args: argparse.Namespace) -> dict[str, History]:
+    device = torch.device(args.device)
     data = load_data(device)
     n_train, n_test = data.x_train.shape[0], data.x_test.shape[0]
     print(f"digits: {n_train} train / {n_test} held-out images, tasks: "

@@ -86,7 +86,10 @@ def test_run_prints_table_and_writes_files(tiny_run: tuple[Path, str, dict]) -> 
 
 def test_same_seed_same_table(tiny_run: tuple[Path, str, dict], tmp_path: Path) -> None:
     out_a, _, hist_a = tiny_run
-    hist_b = demo.main([*TINY, "--out", str(tmp_path), "--no-progress", "--no-plots"])
+    threads = torch.get_num_threads()
+    hist_b = demo.main([*TINY, "--out", str(tmp_path), "--no-progress", "--no-plots",
+                        "--threads", "1"])
+    assert torch.get_num_threads() == threads  # main restores the caller's setting
     table_a = (out_a / "table.txt").read_text(encoding="utf-8")
     assert (tmp_path / "table.txt").read_text(encoding="utf-8") == table_a
     for method in demo.METHODS:
