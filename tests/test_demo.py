@@ -9,6 +9,7 @@ import json
 import math
 import runpy
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,15 @@ from imtl_func import demo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--steps", "6", "--eval-every", "3", "--seed", "3"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread, as the demo's CLI uses (the model is tiny; two threads contend)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +96,9 @@ def test_run_prints_table_and_writes_files(tiny_run: tuple[Path, str, dict]) -> 
 
 def test_same_seed_same_table(tiny_run: tuple[Path, str, dict], tmp_path: Path) -> None:
     out_a, _, hist_a = tiny_run
-    threads = torch.get_num_threads()
-    hist_b = demo.main([*TINY, "--out", str(tmp_path), "--no-progress", "--no-plots",
-                        "--threads", "1"])
-    assert torch.get_num_threads() == threads  # main restores the caller's setting
+    torch.set_num_threads(2)
+    hist_b = demo.main([*TINY, "--out", str(tmp_path), "--no-progress", "--no-plots"])
+    assert torch.get_num_threads() == 2  # main ran on 1 thread and restored the caller's 2
     table_a = (out_a / "table.txt").read_text(encoding="utf-8")
     assert (tmp_path / "table.txt").read_text(encoding="utf-8") == table_a
     for method in demo.METHODS:
