@@ -1,7 +1,15 @@
+import os
 import sys
 from pathlib import Path
 
 import torch
+from hypothesis import settings
+
+# CI explores the same examples on every run (a red CI run must be reproducible); locally,
+# hypothesis draws new ones each time.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(min(2, torch.get_num_threads()))
