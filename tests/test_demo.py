@@ -9,7 +9,6 @@ import json
 import math
 import runpy
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,13 +25,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--steps", "6", "--eval-every", "3", "--seed", "3"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread, as the demo's CLI uses (the model is tiny; two threads contend)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as the demo's CLI (tiny model)
 
 
 @pytest.fixture(scope="module")
