@@ -15,7 +15,7 @@ Both are pure functions of their inputs, traceable by ``torch.compile(fullgraph=
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -176,7 +176,7 @@ def _finish(
 
 def mtl_value_and_grad(
     encode: Callable[..., Any],
-    decode: Callable[..., Any],
+    decode: Callable[..., Any] | Sequence[Callable[..., Tensor]],
     method: Method = "hybrid",
     *,
     scale_rule: ScaleRule | None = None,
@@ -192,7 +192,13 @@ def mtl_value_and_grad(
         encode: ``encode(shared_params, *batch) -> features``, any pytree of tensors (or
             ``(features, aux)`` with ``encoder_has_aux``; e.g. updated BatchNorm buffers).
         decode: ``decode(task_params, features, *batch) -> losses`` with ``losses`` a ``[T]``
-            tensor or :class:`Losses` (or ``(losses, aux)`` with ``has_aux``).
+            tensor or :class:`Losses` (or ``(losses, aux)`` with ``has_aux``). Or the fast
+            path: a sequence of T functions ``decode[t](task_params, features, *batch) -> ℓ_t``
+            (a scalar), one per task. Each then reads its own reference to the features, so a
+            single ordinary backward through the heads gives every ``∇_z ℓ_t`` (no vmap): the
+            cost of equal weighting plus one ``T × T`` Gramian. A general ``decode`` needs the
+            batched backward over T rows, which also back-propagates every row through every
+            head (``T²`` head backwards; see the benchmarks). No aux or extra loss here.
         method: ``'loss'``, ``'gradient'``, ``'hybrid'`` or a :class:`Transform`.
         scale_rule: log-scale update rule (default :func:`imtl_func.scale_newton`).
         flip_negative: see :func:`imtl_func.transform`.
@@ -217,6 +223,7 @@ def mtl_value_and_grad(
     tx = _as_transform(method, scale_rule, flip_negative)
     _checks.chunk_size(chunk_size)
     where_ = "decode"
+    heads = _checks.per_task_decoders(decode, has_aux)
 
     def step(shared_params: PyTree, task_params: PyTree, state: IMTLState, *batch: Any
              ) -> StepResult:
@@ -234,6 +241,12 @@ def mtl_value_and_grad(
         else:
             (features, enc_pullback), enc_aux = vjp(enc, _detached(shared_params)), None
         _checks.params(features, "the features returned by encode")
+        if heads is not None:
+            g_shared, g_task, losses, vector, new_state, info, replicas = _per_task_heads(
+                tx, heads, features, enc_pullback, task_params, state, batch, reduce)
+            aux = (enc_aux, None) if encoder_has_aux else None
+            return _finish(losses, vector, g_shared, g_task, state, new_state, info, aux,
+                           replicas)
         vector, dec_pullback, num_tasks, dec_aux = _vjp(
             dec, has_aux, where_, _detached(task_params), features)
         _task_losses(vector, num_tasks, state, where_)
@@ -257,6 +270,44 @@ def mtl_value_and_grad(
         return _finish(losses, vector, g_shared, g_task, state, new_state, info, aux, replicas)
 
     return step
+
+
+def _per_task_heads(
+    tx: Transform,
+    heads: Sequence[Callable[..., Tensor]],
+    features: PyTree,
+    enc_pullback: Callable[..., Any],
+    task_params: PyTree,
+    state: IMTLState,
+    batch: tuple[Any, ...],
+    reduce: _dist.Reduce | None,
+) -> tuple[PyTree, PyTree, Tensor, Tensor, IMTLState, Info, _dist.Replicas | None]:
+    """The feature-level step for per-task decoders: one plain backward through the heads.
+
+    Task t reads its own reference ``z_t`` to the features, so the cotangent ``c = Weights.task``
+    (known before the update) gives ``∂/∂z_t = c_t ∇_z ℓ_t`` for every t at once and the task
+    parameters their final gradient ``Σ_t c_t ∇ℓ_t``.
+    """
+    num_tasks = len(heads)
+
+    def dec_all(tp: PyTree, copies: tuple[PyTree, ...]) -> Tensor:
+        return torch.stack([
+            _checks.scalar_loss(head(tp, z, *batch), t)
+            for t, (head, z) in enumerate(zip(heads, copies, strict=True))
+        ])
+
+    vector, pullback = vjp(dec_all, _detached(task_params), (features,) * num_tasks)
+    losses = _task_losses(vector, num_tasks, state, "decode")
+    c = tx.task_weights(state).to(vector.dtype)
+    g_task, copies = pullback(c)
+    rows = tree_map(lambda *r: torch.stack(r), *copies)  # leaves [T, ...]: c_t ∇_z ℓ_t
+    k = gramian(rows) / (c[:, None] * c[None, :]) if tx.needs_gramian else None
+    vector, k, replicas = _dist.sum_statistics(reduce, vector, k)
+    losses = vector[:num_tasks]
+    weights, new_state, info = tx.update(losses, k, state)
+    (g_shared,) = enc_pullback(contract(weights.shared / c.to(weights.shared.dtype), rows))
+    g_shared, g_task = _dist.mean_over_replicas(reduce, replicas, (g_shared, g_task))
+    return g_shared, g_task, losses, vector, new_state, info, replicas
 
 
 def value_and_grad(

@@ -102,6 +102,12 @@ class Transform(NamedTuple):
         """Whether the method has IMTL-L scales."""
         return self.method != "gradient"
 
+    def task_weights(self, state: IMTLState) -> Tensor:
+        """``Weights.task`` of the next update, known before it: ``e^{s}`` (ones for
+        'gradient'), ``[T]``."""
+        s = state.log_scale.detach()
+        return torch.exp(s) if self.learns_scales else torch.ones_like(s)
+
 
 def transform(
     method: str = "hybrid",
