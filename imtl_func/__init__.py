@@ -22,7 +22,7 @@ from imtl_func.scales import (
     scale_sgd,
 )
 from imtl_func.steps import Grads, Losses, StepResult, mtl_value_and_grad, value_and_grad
-from imtl_func.transform import IMTLState, Info, Transform, Weights, init, transform
+from imtl_func.transforms import IMTLState, Info, Transform, Weights, init, transform
 from imtl_func.weights import GWeights, default_rtol, gramian, imtl_g_weights
 
 __version__ = "0.1.0"

@@ -107,3 +107,29 @@ def finite_float(value: Any, name: str, *, positive: bool = False, low: float | 
     if high is not None and value >= high:
         raise ValueError(f"{name} must be < {high}, got {value}")
     return value
+
+
+def per_task_decoders(decode: Any, has_aux: bool) -> tuple[Any, ...] | None:
+    """A sequence of per-task loss functions (the fast path), or None for one ``decode``."""
+    if callable(decode):
+        return None
+    if not isinstance(decode, (list, tuple)) or not decode:
+        raise TypeError("decode must be a function returning the [T] losses, or a non-empty "
+                        f"list of T per-task loss functions, got {type(decode).__name__}")
+    for t, fn in enumerate(decode):
+        if not callable(fn):
+            raise TypeError(f"decode[{t}] must be a function (task_params, features, *batch) "
+                            f"-> scalar loss, got {type(fn).__name__}")
+    if has_aux:
+        raise ValueError("has_aux is not supported with per-task decoders; pass one decode "
+                         "function that returns (losses, aux)")
+    return tuple(decode)
+
+
+def scalar_loss(x: Any, task: int) -> Any:
+    """A per-task decoder must return a floating scalar tensor."""
+    if not isinstance(x, Tensor) or x.dim() != 0 or not x.is_floating_point():
+        desc = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"decode[{task}] must return a floating scalar loss, got {desc}; "
+                         "reduce the task's loss to one number (e.g. .mean())")
+    return x

@@ -30,8 +30,9 @@ from torch.nn.parameter import UninitializedParameter
 
 from imtl_func import _checks
 from imtl_func._tree import contract
+from imtl_func.distributed import Reduce, replicated
 from imtl_func.scales import EmptyState, scale_frozen
-from imtl_func.transform import IMTLState, Info, transform
+from imtl_func.transforms import IMTLState, Info, transform
 from imtl_func.weights import gramian
 
 __all__ = ["IMTL", "IMTLOutput"]
@@ -163,6 +164,11 @@ class IMTL(nn.Module):
         init_loss: initial log-scales ``s`` (T numbers); default zeros, as in the paper.
         retain_graph: keep the autograd graph after the call (default True), so that losses
             sharing it (``other_loss.backward()``) can still be back-propagated.
+        reduce: data parallelism (feature-level calls): ``reduce(x)`` sums a 1-D tensor over the
+            replicas, e.g. :func:`imtl_func.distributed.all_sum`. The local Gramian and losses
+            are summed in one reduction, so α, the scale gradient and :attr:`finite` are those
+            of the global batch and the same on every rank; the network's gradients are left to
+            ``DistributedDataParallel`` (one backward through it per call).
 
     Attributes:
         log_scale: ``[T]`` ``nn.Parameter`` of log-scales ``s`` (``None`` for 'gradient').
@@ -180,11 +186,15 @@ class IMTL(nn.Module):
         init_loss: Sequence[float] | Tensor | None = None,
         *,
         retain_graph: bool = True,
+        reduce: Reduce | None = None,
     ) -> None:
         super().__init__()
         self.method = _checks.method(method)
         self.retain_graph = bool(retain_graph)
         self._tx = transform(self.method, scale_rule=scale_frozen())
+        self._reduce = reduce
+        if reduce is not None:
+            self._tx = replicated(self._tx, reduce)
         if num_losses is not None:
             _checks.num_tasks(num_losses)
         if init_loss is not None:
@@ -284,6 +294,11 @@ class IMTL(nn.Module):
         Returns:
             :class:`IMTLOutput` (detached). The gradients are already in ``.grad``.
         """
+        if self._reduce is not None and self._tx.needs_gramian:
+            raise NotImplementedError(
+                "IMTL(reduce=...).backward: the parameter-level Gramian needs the all-reduced "
+                "T × |θ| Jacobian; call the module on the shared feature (imtl(z, losses)) or use "
+                "imtl_func.value_and_grad(..., reduce=...)")
         params = [p for p in _flat_tensors(shared_parameters, "shared_parameters")
                   if p.requires_grad]
         if not params:

@@ -69,14 +69,25 @@ class EmptyState(NamedTuple):
 
 
 class NewtonState(NamedTuple):
-    """State of :func:`scale_newton`: ``mean_grad [T]`` (momentum average), ``count []``."""
+    """State of :func:`scale_newton`.
+
+    Attributes:
+        mean_grad: ``[T]`` momentum average of ``e^{s} ℓ − 1``.
+        count: ``[]`` int64 number of updates so far (for the bias correction).
+    """
 
     mean_grad: Tensor
     count: Tensor
 
 
 class AdamState(NamedTuple):
-    """State of :func:`scale_adam`: first and second moments ``[T]`` and the step ``count []``."""
+    """State of :func:`scale_adam`.
+
+    Attributes:
+        mu: ``[T]`` first moment of the scale gradient.
+        nu: ``[T]`` second moment of the scale gradient.
+        count: ``[]`` int64 number of updates so far.
+    """
 
     mu: Tensor
     nu: Tensor
@@ -127,6 +138,12 @@ def scale_adam(lr: float = 0.01, b1: float = 0.9, b2: float = 0.99, eps: float =
 
     Steps are bounded by about ``lr``, but the second moment remembers the large early gradients
     of large losses, so the last approach to ``−log ℓ`` is slower than :func:`scale_newton`.
+
+    Args:
+        lr: step size, > 0.
+        b1: decay of the first moment, in [0, 1).
+        b2: decay of the second moment, in [0, 1).
+        eps: added to the root of the second moment, > 0.
     """
     lr = _checks.finite_float(lr, "lr", positive=True)
     b1 = _checks.finite_float(b1, "b1", low=0.0, high=1.0)

@@ -22,14 +22,15 @@ NORM_CUTOFF = 1e-10
 RESIDUAL_TOL = 1e-6
 #: ``|Σw| / Σ|w|`` at or below this means the common projection is unbounded.
 SUM_TOL = 1e-8
-#: Eigenvalues of the cosine matrix below this many ulps of its dtype (times the largest one) are
-#: rounding noise: exactly parallel or opposite gradients never give an exactly singular matrix.
-RTOL_ULPS = 1000.0
+#: Eigenvalues of the cosine matrix below ``RTOL_ULPS · T`` ulps of its dtype (times the largest
+#: one) are rounding noise: exactly parallel or opposite gradients never give an exactly singular
+#: matrix in floating point.
+RTOL_ULPS = 30.0
 
 
-def default_rtol(dtype: torch.dtype) -> float:
-    """Pseudo-inverse cut-off for a Gramian computed in ``dtype``: ``1000 · eps(dtype)``."""
-    return RTOL_ULPS * torch.finfo(dtype).eps
+def default_rtol(dtype: torch.dtype, num_tasks: int) -> float:
+    """Pseudo-inverse cut-off for a T-task Gramian computed in ``dtype``: ``30 · T · eps``."""
+    return RTOL_ULPS * max(num_tasks, 2) * torch.finfo(dtype).eps
 
 
 class GWeights(NamedTuple):
@@ -111,9 +112,9 @@ def imtl_g_weights(gramian: Tensor, *, rtol: float | None = None) -> GWeights:
     Args:
         gramian: ``[T, T]`` symmetric positive semi-definite matrix ``K_ij = <g_i, g_j>``.
         rtol: relative cut-off for small eigenvalues of ``C`` in the pseudo-inverse; default
-            :func:`default_rtol` of the Gramian's dtype (1000 ulps: 2.2e-13 for float64,
-            1.2e-4 for float32), so that rounding noise of exactly parallel or opposite
-            gradients is not inverted.
+            :func:`default_rtol` of the Gramian's dtype (``30 · T`` ulps: 1.3e-14 for float64
+            and 7.2e-6 for float32 at T = 2), so that the rounding noise of exactly parallel or
+            opposite gradients is not inverted.
 
     Returns:
         :class:`GWeights` in the Gramian's dtype (``degenerate`` is bool). No autograd graph.
@@ -122,7 +123,7 @@ def imtl_g_weights(gramian: Tensor, *, rtol: float | None = None) -> GWeights:
     dtype = gramian.dtype
     num_tasks = gramian.shape[0]
     if rtol is None:
-        rtol = default_rtol(dtype)
+        rtol = default_rtol(dtype, num_tasks)
     k = gramian.detach().to(torch.float64)
     k = (k + k.mT) / 2
     eye = torch.eye(num_tasks, dtype=torch.float64, device=k.device)

@@ -81,3 +81,14 @@ def test_compiled_transform_update_matches_eager():
     e = tx.update(losses, imtl.gramian(g), state)
     c = torch.compile(tx.update, fullgraph=True)(losses, imtl.gramian(g), state)
     assert_same(c, e)
+
+
+def test_compiled_per_task_step_matches_eager():
+    from test_steps import _per_task_decoders
+
+    model, x, y = make_problem(num_tasks=3, dtype=torch.float32)
+    shared, task, encode, _, _ = functional(model)
+    state = imtl.init(3, "hybrid", log_scale=[0.2, -1.0, -3.0])
+    step = imtl.mtl_value_and_grad(encode, _per_task_decoders(model), "hybrid")
+    c = torch.compile(step, fullgraph=True, backend="aot_eager")(shared, task, state, x, y)
+    assert_same(c, step(shared, task, state, x, y))

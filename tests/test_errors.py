@@ -167,3 +167,11 @@ def test_errors_come_before_tracing_under_compile():
     step = torch.compile(imtl.mtl_value_and_grad(enc, dec), fullgraph=True, backend="eager")
     with pytest.raises(Exception, match="got 2 task losses but the IMTL state holds 3"):
         step(SHARED, TASK, imtl.init(3), X)
+
+
+def test_state_on_another_device():
+    state = imtl.init(2, device="meta")
+    with pytest.raises(ValueError, match=r"the losses are on cpu but the IMTL state on meta; "
+                                         r"create the state with imtl_func.init\(\.\.\., "
+                                         r"device='cpu'\)"):
+        imtl.transform().update(torch.ones(2), torch.eye(2), state)

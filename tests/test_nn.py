@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from reference import paper_alpha
 from torch import nn
 from torch.func import functional_call
 
@@ -20,13 +21,7 @@ LOG_SCALE = (0.3, -0.7, 1.1)
 TOL = {"rtol": 1e-9, "atol": 1e-11}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: one intra-op thread is faster and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(nn.Module):
@@ -72,17 +67,6 @@ def grads_of(params) -> list:
 
 
 # ----------------------------------------------------------------------------- references
-
-
-def paper_alpha(g: torch.Tensor) -> torch.Tensor:
-    """IMTL-G weights by the paper's closed form; g: [T, P] task gradients."""
-    if g.shape[0] == 1:
-        return torch.ones(1, dtype=g.dtype)
-    u = g / g.norm(dim=1, keepdim=True)
-    d = g[0] - g[1:]
-    uu = u[0] - u[1:]
-    rest = g[0] @ uu.T @ torch.linalg.inv(d @ uu.T)
-    return torch.cat([1 - rest.sum().reshape(1), rest])
 
 
 def reference(method: str, level: str, net: Net, x, ys, log_scale):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import optree
 import pytest
 import torch
 from reference import make_problem, reference_grads
@@ -305,3 +306,62 @@ def test_flip_negative():
     torch.testing.assert_close(i1.alpha, -i0.alpha)
     torch.testing.assert_close(i1.projection, -c)
     torch.testing.assert_close(w1.shared, -w0.shared)
+
+
+def _per_task_decoders(model):
+    def head(t):
+        def loss(p, z, x, y):
+            pred = torch.nn.functional.linear(z, p[f"{t}.weight"], p[f"{t}.bias"]).squeeze(-1)
+            return ((pred - y[:, t]) ** 2).mean() * 10.0**t
+        return loss
+    return [head(t) for t in range(model.num_tasks)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_per_task_decoders_match_reference_and_the_batched_path(method):
+    """A list of per-task losses (one plain backward through the heads) gives the same step."""
+    model, x, y = make_problem(num_tasks=3)
+    shared, task, encode, decode, _ = functional(model)
+    log_scale = None if method == "gradient" else [0.3, -0.5, -2.0]
+    state = imtl.init(3, method, log_scale=log_scale, dtype=torch.float64)
+    fast = imtl.mtl_value_and_grad(encode, _per_task_decoders(model), method)(
+        shared, task, state, x, y)
+    batched = imtl.mtl_value_and_grad(encode, decode, method)(shared, task, state, x, y)
+    s = torch.tensor([0.0] * 3 if log_scale is None else log_scale, dtype=torch.float64)
+    ref_shared, ref_heads, ref_alpha = reference_grads(model, x, y, method, s)
+    assert_close_list(list(fast.grads.shared.values()), ref_shared, rtol=1e-9, atol=1e-12)
+    assert_close_list(list(fast.grads.task.values()), ref_heads, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fast.info.alpha, ref_alpha, rtol=1e-9, atol=1e-12)
+    for a, b in zip(optree.tree_leaves(fast[1:4]), optree.tree_leaves(batched[1:4]), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(fast.losses, batched.losses)
+
+
+def test_per_task_decoders_are_one_plain_backward():
+    """No vmap: the per-task path never calls the batched pull-back."""
+    model, x, y = make_problem(num_tasks=3)
+    shared, task, encode, _, _ = functional(model)
+    state = imtl.init(3, "hybrid", dtype=torch.float64)
+    calls = []
+    original = imtl.steps.pullback_rows
+    imtl.steps.pullback_rows = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        imtl.mtl_value_and_grad(encode, _per_task_decoders(model))(shared, task, state, x, y)
+    finally:
+        imtl.steps.pullback_rows = original
+    assert calls == []
+
+
+def test_per_task_decoder_errors():
+    model, x, y = make_problem(num_tasks=2)
+    shared, task, encode, _, _ = functional(model)
+    with pytest.raises(TypeError, match=r"decode\[1\] must be a function"):
+        imtl.mtl_value_and_grad(encode, [lambda p, z, x, y: z.sum(), 3])
+    with pytest.raises(TypeError, match="or a non-empty list of T per-task loss functions"):
+        imtl.mtl_value_and_grad(encode, [])
+    with pytest.raises(ValueError, match="has_aux is not supported with per-task decoders"):
+        imtl.mtl_value_and_grad(encode, [lambda p, z, x, y: z.sum()], has_aux=True)
+    step = imtl.mtl_value_and_grad(encode, [lambda p, z, x, y: z.sum(), lambda p, z, x, y: z])
+    with pytest.raises(ValueError, match=r"decode\[1\] must return a floating scalar loss, got "
+                                         r"shape \(16, 6\)"):
+        step(shared, task, imtl.init(2, dtype=torch.float64), x, y)

@@ -164,7 +164,9 @@ def test_never_nan_and_weights_sum_to_one(g, dtype):
     if r.degenerate:
         assert torch.equal(r.alpha, torch.zeros_like(r.alpha)) and r.projection == 0
     else:
-        assert abs(r.alpha.double().sum().item() - 1) < 10 * torch.finfo(dtype).eps
+        # Each weight is rounded to the dtype: the sum is 1 up to eps · Σ|α|.
+        tol = 10 * torch.finfo(dtype).eps * max(1.0, r.alpha.double().abs().sum().item())
+        assert abs(r.alpha.double().sum().item() - 1) < tol
 
 
 @SETTINGS
@@ -194,9 +196,9 @@ def test_agrees_with_the_paper_closed_form(g):
     torch.testing.assert_close(r.alpha, paper_alpha(g), rtol=1e-6, atol=1e-8)
 
 
-def _well_conditioned(g):
+def _well_conditioned(g, bound=1e4):
     units = g / g.norm(dim=1, keepdim=True)
-    return torch.linalg.cond(units @ units.T) < 1e4
+    return torch.linalg.cond(units @ units.T) < bound
 
 
 @SETTINGS
@@ -241,7 +243,7 @@ def test_rescaling_one_task(g, data):
 @SETTINGS
 @given(gradient_sets(allow_degenerate=False))
 def test_float32_inputs_match_float64(g):
-    assume(_well_conditioned(g))
+    assume(_well_conditioned(g, 1e3))  # float32 rounding (1e-7) times cond stays under 1e-3
     r64 = weights(g)
     r32 = weights(g.float())
     assert r32.alpha.dtype == torch.float32

@@ -102,6 +102,12 @@ class Transform(NamedTuple):
         """Whether the method has IMTL-L scales."""
         return self.method != "gradient"
 
+    def task_weights(self, state: IMTLState) -> Tensor:
+        """``Weights.task`` of the next update, known before it: ``e^{s}`` (ones for
+        'gradient'), ``[T]``."""
+        s = state.log_scale.detach()
+        return torch.exp(s) if self.learns_scales else torch.ones_like(s)
+
 
 def transform(
     method: str = "hybrid",
@@ -155,6 +161,10 @@ def transform(
         losses: Tensor, gramian: Tensor | None, state: IMTLState
     ) -> tuple[Weights, IMTLState, Info]:
         _checks.losses(losses, state.log_scale.shape[0], f"IMTL({method!r}).update")
+        if losses.device != state.log_scale.device:
+            raise ValueError(f"the losses are on {losses.device} but the IMTL state on "
+                             f"{state.log_scale.device}; create the state with "
+                             f"imtl_func.init(..., device={str(losses.device)!r})")
         losses = losses.detach()
         num_tasks = losses.shape[0]
         s = state.log_scale
@@ -181,13 +191,16 @@ def transform(
             eye = torch.eye(num_tasks, dtype=k.dtype, device=k.device)
             scale64 = scale.detach().to(k.dtype)
             k = torch.where(finite, k, eye) * scale64[:, None] * scale64[None, :]
-            g = imtl_g_weights(k, rtol=default_rtol(gramian.dtype))
+            g = imtl_g_weights(k, rtol=default_rtol(gramian.dtype, num_tasks))
             alpha, projection = g.alpha, g.projection
             if flip_negative:
                 sign = torch.where(projection < 0, -1.0, 1.0).to(alpha.dtype)
                 alpha, projection = alpha * sign, projection * sign
-            shared = alpha * scale64
-            info_g = (g.norm, g.cosine, projection, g.degenerate)
+            shared = alpha * scale64  # float64 weights for the contraction
+            # Logged values in the state's dtype, like `scale` and `scale_grad`.
+            alpha = alpha.to(s.dtype)
+            info_g = (g.norm.to(s.dtype), g.cosine.to(s.dtype), projection.to(s.dtype),
+                      g.degenerate)
         else:
             alpha = torch.ones_like(scale)
             shared = scale
@@ -213,8 +226,17 @@ def init(
 ) -> IMTLState:
     """Initial :class:`IMTLState` for ``num_tasks`` tasks: ``transform(method, ...).init(...)``.
 
-    ``log_scale`` sets the initial ``s`` (the original module's ``init_loss``); default zeros,
-    as in the paper. Pass the same ``scale_rule`` as to the step.
+    Args:
+        num_tasks: number of tasks T.
+        method: ``'loss'``, ``'gradient'`` or ``'hybrid'``.
+        scale_rule: the same rule as passed to the step (its state is created here).
+        log_scale: initial ``s``, T numbers (the original module's ``init_loss``); default
+            zeros, as in the paper. Must be None for 'gradient'.
+        dtype: dtype of the state tensors.
+        device: device of the state tensors.
+
+    Returns:
+        :class:`IMTLState` with ``log_scale`` ``[T]`` and the rule's initial state.
     """
     tx = transform(method, scale_rule=scale_rule)
     return tx.init(num_tasks, log_scale=log_scale, dtype=dtype, device=device)

@@ -1,0 +1,464 @@
+"""Data-parallel IMTL: 2 gloo processes on loopback against one process on the global batch.
+
+One spawn (two fresh interpreters, about 5 s) runs every scenario; the workers save what they
+computed and the parent compares it with single-process runs on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import imtl_func as imtl
+from imtl_func import distributed as imtl_dist
+from imtl_func.nn import IMTL
+
+WORLD = 2
+STEPS = 20
+NUM_TASKS = 3
+LOCAL_BATCH = 4
+IN, HIDDEN = 5, 8
+LR = 0.05
+NAN_STEP = 7
+METHODS = ("loss", "gradient", "hybrid")
+LEVELS = ("feature", "parameter")
+TIMEOUT_S = 60.0
+
+
+# ----------------------------------------------------------------------------- the problem
+
+def init_params(seed: int = 0) -> tuple[dict, dict]:
+    g = torch.Generator().manual_seed(seed)
+    shared = {"w": torch.randn(HIDDEN, IN, generator=g) / IN**0.5,
+              "b": 0.1 * torch.randn(HIDDEN, generator=g)}
+    task = {"w": torch.randn(NUM_TASKS, HIDDEN, generator=g) / HIDDEN**0.5,
+            "b": torch.zeros(NUM_TASKS)}
+    return shared, task
+
+
+def encode(p, x, y):
+    return torch.tanh(x @ p["w"].T + p["b"])
+
+
+def decode(p, z, x, y):
+    pred = z @ p["w"].T + p["b"]                                    # [B, T]
+    per_task = ((pred - y) ** 2).mean(0)                            # [T]
+    return per_task * torch.tensor([1.0, 10.0, 0.1])                # different loss magnitudes
+
+
+def loss_fn(sp, tp, x, y):
+    return decode(tp, encode(sp, x, y), x, y)
+
+
+def encode_gated(p, x, y, c):
+    """``encode`` times ``|b_0 − c_i|`` per example: 1 normally; for ``c_i = b_0`` the feature
+    is 0 (finite losses, finite feature Gramian) but the encoder's backward gives 0/0 = NaN."""
+    return encode(p, x, y) * torch.sqrt((p["b"][0] - c) ** 2)[:, None]
+
+
+def decode_gated(p, z, x, y, c):
+    return decode(p, z, x, y)
+
+
+def global_batch(step: int, nan: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's global batch; rank r holds rows ``r*LOCAL_BATCH:(r+1)*LOCAL_BATCH``."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(WORLD * LOCAL_BATCH, IN, generator=g)
+    y = torch.stack([x[:, 0] - x[:, 1], -x[:, 0] + 0.5 * x[:, 2], x[:, 3] * x[:, 4]], 1)
+    y = y + 0.1 * torch.randn(y.shape, generator=g)
+    if nan and step == NAN_STEP:
+        x[LOCAL_BATCH, 0] = float("nan")                            # first row of rank 1
+    return x, y
+
+
+def local_batch(step: int, rank: int, nan: bool = False):
+    x, y = global_batch(step, nan)
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    return x[rows], y[rows]
+
+
+def train(level: str, method: str, reduce=None, rank: int | None = None, nan: bool = False,
+          nan_backward: bool = False):
+    """20 SGD steps; ``rank=None`` is one process on the global batch.
+
+    ``nan``: a NaN input on rank 1 at ``NAN_STEP``; ``nan_backward`` (feature level): finite
+    losses there, but a NaN in the encoder's backward pass.
+    """
+    shared, task = init_params()
+    state = imtl.init(NUM_TASKS, method)
+    if nan_backward:
+        step = imtl.mtl_value_and_grad(encode_gated, decode_gated, method, reduce=reduce)
+    elif level == "feature":
+        step = imtl.mtl_value_and_grad(encode, decode, method, reduce=reduce)
+    else:
+        step = imtl.value_and_grad(loss_fn, method, reduce=reduce)
+    alphas, finite, losses = [], [], []
+    for i in range(STEPS):
+        batch = global_batch(i, nan) if rank is None else local_batch(i, rank, nan)
+        if nan_backward:
+            c = shared["b"][0].detach() + torch.ones(WORLD * LOCAL_BATCH)
+            if i == NAN_STEP:
+                c[LOCAL_BATCH] = shared["b"][0].detach()              # first row of rank 1
+            batch = (*batch, c if rank is None else c.chunk(WORLD)[rank])
+        out = step(shared, task, state, *batch)
+        shared = {k: v - LR * out.grads.shared[k] for k, v in shared.items()}
+        task = {k: v - LR * out.grads.task[k] for k, v in task.items()}
+        state = out.state
+        alphas.append(out.info.alpha)
+        finite.append(out.info.finite)
+        losses.append(out.losses)
+    return {"shared": shared, "task": task, "state": state, "alpha": torch.stack(alphas),
+            "finite": torch.stack(finite), "losses": torch.stack(losses),
+            "grad_norm": out.info.grad_norm}
+
+
+class Net(nn.Module):
+    """The same problem as a module: ``forward(x, c=None) -> (z, predictions [B, T])``."""
+
+    def __init__(self):
+        super().__init__()
+        shared, task = init_params()
+        self.encoder = nn.Linear(IN, HIDDEN)
+        self.heads = nn.Linear(HIDDEN, NUM_TASKS)
+        with torch.no_grad():
+            for layer, p in ((self.encoder, shared), (self.heads, task)):
+                layer.weight.copy_(p["w"])
+                layer.bias.copy_(p["b"])
+
+    def forward(self, x, c=None):
+        z = torch.tanh(self.encoder(x))
+        if c is not None:     # as encode_gated: NaN in the backward pass where c_i = b_0
+            z = z * torch.sqrt((self.encoder.bias[0] - c) ** 2)[:, None]
+        return z, self.heads(z)
+
+
+def train_module(method: str, reduce=None, rank: int | None = None, nan: bool = False,
+                 nan_backward: bool = False):
+    """20 SGD steps of nn.IMTL; ``rank`` given: the network wrapped in DDP, the local slice."""
+    net = Net()
+    model = net if rank is None else DistributedDataParallel(net)
+    module = IMTL(method, NUM_TASKS, reduce=reduce)
+    optimizer = torch.optim.SGD([*net.parameters(), *module.parameters()], lr=LR)
+    alphas, finite = [], []
+    for i in range(STEPS):
+        x, y = global_batch(i, nan) if rank is None else local_batch(i, rank, nan)
+        c = None
+        if nan_backward:
+            c = net.encoder.bias[0].detach() + torch.ones(WORLD * LOCAL_BATCH)
+            if i == NAN_STEP:
+                c[LOCAL_BATCH] = net.encoder.bias[0].detach()
+            c = c if rank is None else c.chunk(WORLD)[rank]
+        z, pred = model(x, c)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            module(z, decode_losses(pred, y))
+        # DDP has averaged the gradients: a NaN on one rank is a NaN on all of them
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), float("inf"))
+        ok = module.finite and bool(torch.isfinite(norm))
+        if ok:
+            optimizer.step()
+        optimizer.zero_grad()
+        alphas.append(module.info.alpha.detach().clone())
+        finite.append(torch.tensor(ok))
+    params = {k: v.detach().clone() for k, v in net.named_parameters()}
+    scales = None if module.log_scale is None else module.log_scale.detach().clone()
+    return {"params": params, "log_scale": scales, "alpha": torch.stack(alphas),
+            "finite": torch.stack(finite)}
+
+
+def decode_losses(pred, y):
+    return ((pred - y) ** 2).mean(0) * torch.tensor([1.0, 10.0, 0.1])
+
+
+# ----------------------------------------------------------------------------- the workers
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    from datetime import timedelta
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD, timeout=timedelta(seconds=30))
+    try:
+        reduce = imtl_dist.all_sum()
+        results = {}
+        for level in LEVELS:
+            for method in METHODS:
+                results[level, method] = train(level, method, reduce, rank)
+        results["nan"] = train("feature", "hybrid", reduce, rank, nan=True)
+        results["nan", "parameter"] = train("parameter", "hybrid", reduce, rank, nan=True)
+        results["nan", "backward"] = train("feature", "hybrid", reduce, rank, nan_backward=True)
+        for method in METHODS:
+            results["module", method] = train_module(method, reduce, rank)
+        results["module", "nan"] = train_module("hybrid", reduce, rank, nan=True)
+        results["module", "backward"] = train_module("hybrid", reduce, rank, nan_backward=True)
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, *args, nprocs: int = WORLD, timeout: float = TIMEOUT_S) -> None:
+    """Run ``fn(rank, *args)`` in ``nprocs`` processes; kill them all past ``timeout``.
+
+    Forked where the platform can (the children inherit the imported torch and torch.func,
+    whose first import costs seconds), spawned elsewhere.
+    """
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method=method)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"distributed workers still running after {timeout} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    train("feature", "hybrid")          # import what the workers need once, before the fork
+    spawn(_worker, _free_port(), str(out))
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+# ----------------------------------------------------------------------------- the checks
+
+def _assert_tree_equal(a, b):
+    for x, y in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b),
+                    strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+
+
+def _assert_tree_close(a, b, atol):
+    for x, y in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b),
+                    strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("level", LEVELS)
+def test_two_ranks_equal_one_process_on_the_global_batch(ranks, level, method):
+    got = ranks[0][level, method]
+    ref = train(level, method)
+    assert bool(ref["finite"].all())
+    # every rank holds exactly the same α, state and parameters
+    _assert_tree_equal(got, ranks[1][level, method])
+    torch.testing.assert_close(got["alpha"], ref["alpha"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(got["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
+    _assert_tree_close(got["state"], ref["state"], atol=1e-6)
+    _assert_tree_close((got["shared"], got["task"]), (ref["shared"], ref["task"]), atol=1e-5)
+    if method != "loss":   # the Gramian is that of the global batch, not R times it
+        torch.testing.assert_close(got["grad_norm"], ref["grad_norm"], rtol=1e-5, atol=0)
+    if method != "gradient":  # the scales moved: the check is not vacuous
+        assert float(got["state"].log_scale.abs().min()) > 0.05
+    if method != "loss":
+        assert float((got["alpha"][-1] - 1 / NUM_TASKS).abs().max()) > 0.01
+
+
+NAN_CASES = {"nan": dict(level="feature", nan=True),
+             ("nan", "parameter"): dict(level="parameter", nan=True),
+             ("nan", "backward"): dict(level="feature", nan_backward=True)}
+
+
+@pytest.mark.parametrize("key", list(NAN_CASES), ids=["loss", "loss-parameter", "backward"])
+def test_a_non_finite_value_on_one_rank_makes_every_rank_skip(ranks, key):
+    r0, r1 = ranks[0][key], ranks[1][key]
+    expected = torch.ones(STEPS, dtype=torch.bool)
+    expected[NAN_STEP] = False
+    assert torch.equal(r0["finite"], expected)
+    assert torch.equal(r1["finite"], expected)
+    _assert_tree_equal((r0["shared"], r0["task"], r0["state"]),
+                       (r1["shared"], r1["task"], r1["state"]))
+    # the same as one process that skipped the same step
+    ref = train(method="hybrid", **NAN_CASES[key])
+    assert torch.equal(ref["finite"], expected)
+    _assert_tree_close((r0["shared"], r0["task"]), (ref["shared"], ref["task"]), atol=1e-5)
+    _assert_tree_close(r0["state"], ref["state"], atol=1e-6)
+
+
+def _example_worker(rank: int, port: int, steps: int, *flags: str) -> None:
+    """Run examples/ddp_train.py's main() as torchrun would (its environment variables)."""
+    import importlib.util
+    import sys
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    path = Path(__file__).resolve().parents[1] / "examples" / "ddp_train.py"
+    spec = importlib.util.spec_from_file_location("ddp_train", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.argv = ["ddp_train.py", "--steps", str(steps), "--hidden", "16", *flags]
+    module.main()      # raises SystemExit if the ranks diverged
+
+
+@pytest.mark.parametrize("flags", [(), ("--module",)], ids=["functional", "module"])
+def test_the_torchrun_example_runs_on_two_gloo_ranks(capfd, flags):
+    train("feature", "hybrid")
+    spawn(_example_worker, _free_port(), 5, *flags)
+    out = capfd.readouterr().out
+    assert "step    4" in out
+    # 612 float32 parameters; T = 4: (16 + 4 + 2) float64 statistics
+    expected = "[176]" if flags else "[176, 2448]"
+    assert f"all-reduce bytes per step {expected}; shared gradients 2176 B, all gradients 2448 B"\
+        in out
+    assert "largest difference between ranks 0.0e+00" in out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_imtl_module_under_ddp_equals_one_process(ranks, method):
+    got, other = ranks[0]["module", method], ranks[1]["module", method]
+    ref = train_module(method)
+    assert bool(ref["finite"].all())
+    _assert_tree_equal(got, other)
+    torch.testing.assert_close(got["alpha"], ref["alpha"], rtol=0, atol=1e-6)
+    _assert_tree_close(got["params"], ref["params"], atol=1e-5)
+    if method != "gradient":
+        torch.testing.assert_close(got["log_scale"], ref["log_scale"], rtol=0, atol=1e-6)
+        assert float(got["log_scale"].abs().max()) > 0.5   # the scales moved
+    if method == "gradient":  # no scales (which the module leaves to the user's optimizer)
+        torch.testing.assert_close(got["alpha"], ranks[0]["feature", method]["alpha"], rtol=0,
+                                   atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["nan", "backward"])
+def test_imtl_module_under_ddp_skips_on_every_rank(ranks, case):
+    r0, r1 = ranks[0]["module", case], ranks[1]["module", case]
+    expected = torch.ones(STEPS, dtype=torch.bool)
+    expected[NAN_STEP] = False
+    assert torch.equal(r0["finite"], expected)
+    assert torch.equal(r1["finite"], expected)
+    _assert_tree_equal(r0, r1)
+    ref = train_module("hybrid", nan=case == "nan", nan_backward=case == "backward")
+    assert torch.equal(ref["finite"], expected)
+    _assert_tree_close(r0["params"], ref["params"], atol=1e-5)
+    torch.testing.assert_close(r0["log_scale"], ref["log_scale"], rtol=0, atol=1e-6)
+
+
+def test_module_refuses_the_parameter_level_call_with_reduce():
+    net = Net()
+    module = IMTL("hybrid", NUM_TASKS, reduce=CountingReduce())
+    x, y = local_batch(0, 0)
+    _, pred = net(x)
+    with pytest.raises(NotImplementedError, match="all-reduced"):
+        module.backward(shared_parameters=net.encoder.parameters(), losses=decode_losses(pred, y))
+
+
+# ----------------------------------------------------------------------------- one process
+
+class CountingReduce:
+    """A stand-in for ``R`` identical replicas: ``R · x``; records the bytes of every call."""
+
+    def __init__(self, replicas: int = 2):
+        self.replicas = replicas
+        self.calls: list[int] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.numel() * x.element_size())
+        return self.replicas * x
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("method", METHODS)
+def test_identical_replicas_give_the_single_process_update(level, method):
+    shared, task = init_params()
+    state = imtl.init(NUM_TASKS, method)
+    make = imtl.mtl_value_and_grad if level == "feature" else imtl.value_and_grad
+    fn = (encode, decode) if level == "feature" else (loss_fn,)
+    x, y = local_batch(0, 0)
+    ref = make(*fn, method)(shared, task, state, x, y)
+    got = make(*fn, method, reduce=CountingReduce(3))(shared, task, state, x, y)
+    torch.testing.assert_close(got.info.alpha, ref.info.alpha, rtol=0, atol=1e-7)
+    _assert_tree_close((got.grads, got.state, got.losses), (ref.grads, ref.state, ref.losses),
+                       atol=1e-6)
+    if method != "loss":
+        # feature level: three copies of the batch make a feature three times as long, whose
+        # per-example gradients are a third: the global norm is the local one / sqrt(3)
+        factor = 3**-0.5 if level == "feature" else 1.0
+        torch.testing.assert_close(got.info.grad_norm, ref.info.grad_norm * factor)
+
+
+def _payload(level: str, num_tasks: int) -> tuple[list[int], int, int]:
+    """Bytes per reduction for a T-task step, and the bytes of the shared / task gradients."""
+    shared = {"w": torch.randn(HIDDEN, IN), "b": torch.randn(HIDDEN)}
+    task = {"w": torch.randn(num_tasks, HIDDEN), "b": torch.randn(num_tasks)}
+    x, y = torch.randn(LOCAL_BATCH, IN), torch.randn(LOCAL_BATCH, num_tasks)
+
+    def dec(p, z, x, y):
+        return (((z @ p["w"].T + p["b"]) - y) ** 2).mean(0)
+
+    counter = CountingReduce()
+    if level == "feature":
+        step = imtl.mtl_value_and_grad(encode, dec, "hybrid", reduce=counter)
+    else:
+        step = imtl.value_and_grad(lambda sp, tp, x, y: dec(tp, encode(sp, x, y), x, y),
+                                   "hybrid", reduce=counter)
+    out = step(shared, task, imtl.init(num_tasks), x, y)
+    assert bool(out.info.finite)
+    nbytes = [sum(v.numel() * v.element_size() for v in p.values()) for p in (shared, task)]
+    return counter.calls, nbytes[0], nbytes[1]
+
+
+def test_feature_level_payload_is_one_small_float64_vector_then_the_gradients():
+    calls, shared_bytes, task_bytes = _payload("feature", 4)
+    assert calls == [(4 * 4 + 4 + 2) * 8, shared_bytes + task_bytes]
+    assert calls[0] == 176
+
+
+def test_parameter_level_payload_is_the_jacobian_then_the_task_gradients():
+    calls, shared_bytes, task_bytes = _payload("parameter", 4)
+    assert calls == [4 * shared_bytes + (4 + 2) * 4, task_bytes]
+
+
+def test_reduce_must_return_the_shape_it_was_given():
+    shared, task = init_params()
+    step = imtl.mtl_value_and_grad(encode, decode, "hybrid", reduce=lambda x: x.sum())
+    with pytest.raises(ValueError, match="sum over replicas"):
+        step(shared, task, imtl.init(NUM_TASKS), *local_batch(0, 0))
+
+
+def test_all_sum_needs_no_process_group_until_called():
+    psum = imtl_dist.all_sum()
+    assert callable(psum)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_an_extra_loss_goes_through_the_reduction(level):
+    def dec(p, z, x, y):
+        return imtl.Losses(decode(p, z, x, y), 1e-2 * (z**2).mean())
+
+    shared, task = init_params()
+    state = imtl.init(NUM_TASKS, "hybrid")
+    x, y = local_batch(0, 0)
+    if level == "feature":
+        make = lambda **kw: imtl.mtl_value_and_grad(encode, dec, "hybrid", **kw)  # noqa: E731
+    else:
+        fn = lambda sp, tp, x, y: dec(tp, encode(sp, x, y), x, y)  # noqa: E731
+        make = lambda **kw: imtl.value_and_grad(fn, "hybrid", **kw)  # noqa: E731
+    ref = make()(shared, task, state, x, y)
+    counter = CountingReduce(2)
+    got = make(reduce=counter)(shared, task, state, x, y)
+    torch.testing.assert_close(got.info.alpha, ref.info.alpha, rtol=0, atol=1e-7)
+    _assert_tree_close((got.grads, got.state), (ref.grads, ref.state), atol=1e-6)
+    stats = (NUM_TASKS**2 + NUM_TASKS + 1 + 2) * 8 if level == "feature" else None
+    if stats is not None:
+        assert counter.calls[0] == stats
