@@ -16,6 +16,7 @@ row of the benchmark runs the same arithmetic.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +29,9 @@ __all__ = [
     "Size",
     "Workload",
     "decode",
-    "decode_per_task",
     "loss_list",
     "make_workload",
+    "per_task_losses",
 ]
 
 
@@ -151,24 +152,18 @@ def loss_list(
     ]
 
 
-def decode_per_task(
-    name: str,
-    head_params: dict[str, Tensor],
-    features: tuple[Tensor, ...],
-    y: Tensor,
-    scales: Tensor,
-) -> Tensor:
-    """:func:`decode` where head t reads only ``features[t]`` (T references to one ``[B, D]``
-    feature), the form ``mtl_value_and_grad(..., per_task_features=True)`` takes."""
-    return torch.stack(
-        [
-            scales[t]
-            * task_loss(
-                name, F.linear(z, head_params[f"{t}.weight"], head_params[f"{t}.bias"]), y[t]
-            )
-            for t, z in enumerate(features)
-        ]
-    )
+def per_task_losses(name: str, y: Tensor, scales: Tensor) -> list[Callable[..., Tensor]]:
+    """T loss functions ``loss_t(head_params, z, *batch) -> 10^t · loss_t`` (a scalar), the
+    per-task form that ``imtl_func.mtl_value_and_grad(encode, [loss_1, ..., loss_T])`` takes."""
+
+    def make(t: int) -> Callable[..., Tensor]:
+        def loss(head_params: dict[str, Tensor], z: Tensor, *batch: Tensor) -> Tensor:
+            pred = F.linear(z, head_params[f"{t}.weight"], head_params[f"{t}.bias"])
+            return scales[t] * task_loss(name, pred, y[t])
+
+        return loss
+
+    return [make(t) for t in range(y.shape[0])]
 
 
 def decode(

@@ -17,8 +17,9 @@ interleaved without touching each other. Rows:
 * ours: ``imtl_func.mtl_value_and_grad`` (feature level) or ``imtl_func.value_and_grad``
   (parameter level), method 'loss' | 'gradient' | 'hybrid', eager or
   ``torch.compile(step, fullgraph=True)``.
-* ours ``feature-per-task`` (only when the core has the proposed ``per_task_features``
-  option): the feature-level step with head t reading its own reference to the feature.
+* ours ``feature-per-task``: the feature-level fast path, ``mtl_value_and_grad(encode,
+  [loss_1, ..., loss_T])``: each task's loss function reads its own reference to the feature,
+  one plain backward through the heads.
 * ``nn.IMTL``: the imperative module (issue 3), feature and parameter level, when
   ``imtl_func.nn`` exists.
 """
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,14 +37,13 @@ from torch import Tensor
 from torch.func import functional_call
 
 import imtl_func as imtl
-from benchmarks.models import Workload, decode, decode_per_task, loss_list
+from benchmarks.models import Workload, decode, loss_list, per_task_losses
 
 __all__ = [
     "Row",
     "RowSpec",
     "build_row",
     "has_nn_module",
-    "has_per_task_features",
     "has_torchjd",
     "paper_alpha",
 ]
@@ -102,11 +101,6 @@ def has_torchjd() -> bool:
     except Exception:
         return False
     return True
-
-
-def has_per_task_features() -> bool:
-    """The core's feature-level step takes ``per_task_features`` (a proposed option)."""
-    return "per_task_features" in inspect.signature(imtl.mtl_value_and_grad).parameters
 
 
 def has_nn_module() -> bool:
@@ -250,15 +244,10 @@ def _ours(work: Workload, method: str, level: str, compiled: bool) -> Row:
     def loss_fn(params: dict[str, Tensor], task_params: dict[str, Tensor], x: Tensor) -> Tensor:
         return dec(task_params, encode(params, x), x)
 
-    def dec_per_task(
-        task_params: dict[str, Tensor], feats: tuple[Tensor, ...], x: Tensor
-    ) -> Tensor:
-        return decode_per_task(name, task_params, feats, y, scales)
-
     if level == "feature":
         fn = imtl.mtl_value_and_grad(encode, dec, method)
     elif level == "feature-per-task":
-        fn = imtl.mtl_value_and_grad(encode, dec_per_task, method, per_task_features=True)
+        fn = imtl.mtl_value_and_grad(encode, per_task_losses(name, y, scales), method)
     else:
         fn = imtl.value_and_grad(loss_fn, method)
     if compiled:

@@ -42,14 +42,13 @@ from benchmarks.rows import (
     RowSpec,
     build_row,
     has_nn_module,
-    has_per_task_features,
     has_torchjd,
 )
 
 __all__ = ["main", "render_markdown", "row_specs"]
 
 METHODS = ("loss", "gradient", "hybrid")
-LEVELS = ("feature", "parameter")
+LEVELS = ("feature", "feature-per-task", "parameter")
 EW = RowSpec("ew", "ew", "-")
 
 
@@ -165,11 +164,6 @@ def row_specs(model: str, num_tasks: int, args: argparse.Namespace) -> list[RowS
             specs.append(RowSpec("ours", method, level))
             if compiled and method in args.compile_methods:
                 specs.append(RowSpec("ours", method, level, "compiled"))
-    if has_per_task_features():
-        for method in ("gradient", "hybrid"):
-            specs.append(RowSpec("ours", method, "feature-per-task"))
-            if compiled and method in args.compile_methods:
-                specs.append(RowSpec("ours", method, "feature-per-task", "compiled"))
     if has_nn_module():
         specs.append(RowSpec("nn", "hybrid", "feature"))
         if param_ok:

@@ -22,7 +22,6 @@ if str(ROOT) not in sys.path:
 from benchmarks.harness import peak_step_bytes  # noqa: E402
 from benchmarks.rows import (  # noqa: E402
     has_nn_module,
-    has_per_task_features,
     has_torchjd,
     paper_alpha,
 )
@@ -31,7 +30,7 @@ from benchmarks.step import main, render_markdown  # noqa: E402
 EAGER_OURS = [
     f"ours {m} {lvl} eager"
     for m in ("loss", "gradient", "hybrid")
-    for lvl in ("feature", "parameter")
+    for lvl in ("feature", "feature-per-task", "parameter")
 ]
 
 
@@ -49,8 +48,6 @@ def test_quick_writes_every_row(quick_report: dict) -> None:
     expected = {"EW eager", "LOOP feature eager", "LOOP parameter eager", *EAGER_OURS}
     if has_torchjd():
         expected.add("torchjd IMTLG parameter eager")
-    if has_per_task_features():
-        expected |= {f"ours {m} feature-per-task eager" for m in ("gradient", "hybrid")}
     if has_nn_module():
         expected |= {"nn.IMTL hybrid feature eager", "nn.IMTL hybrid parameter eager"}
     results = quick_report["results"]
