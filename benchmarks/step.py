@@ -45,11 +45,12 @@ from benchmarks.rows import (
     has_torchjd,
 )
 
-__all__ = ["main", "render_markdown", "row_specs"]
+__all__ = ["main", "render_markdown", "row_specs", "update_readme"]
 
 METHODS = ("loss", "gradient", "hybrid")
 LEVELS = ("feature", "feature-per-task", "parameter")
 EW = RowSpec("ew", "ew", "-")
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
 def _ints(text: str) -> list[int]:
@@ -411,10 +412,24 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def update_readme(path: Path, tables: str) -> None:
+    """Replace the text between the ``BEGIN`` and ``END`` marker lines of ``path``."""
+    text = path.read_text()
+    head, sep, rest = text.partition(BEGIN + "\n")
+    _, sep2, tail = rest.partition(END)
+    if not sep or not sep2:
+        raise ValueError(f"{path} has no {BEGIN} ... {END} block")
+    path.write_text(f"{head}{BEGIN}\n{tables.rstrip()}\n{END}{tail}")
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
     if args.render:
-        print(render_markdown(json.loads(args.render.read_text())))
+        tables = render_markdown(json.loads(args.render.read_text()))
+        if args.readme:
+            update_readme(args.readme, tables)
+        else:
+            print(tables)
         return None
     report = run(args)
     if args.out is None:

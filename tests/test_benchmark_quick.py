@@ -25,7 +25,7 @@ from benchmarks.rows import (  # noqa: E402
     has_torchjd,
     paper_alpha,
 )
-from benchmarks.step import main, render_markdown  # noqa: E402
+from benchmarks.step import BEGIN, END, main, render_markdown, update_readme  # noqa: E402
 
 EAGER_OURS = [
     f"ours {m} {lvl} eager"
@@ -75,6 +75,18 @@ def test_render_markdown_has_a_line_per_row(quick_report: dict) -> None:
     text = render_markdown(quick_report)
     assert text.count("| EW eager | ") == 2
     assert text.count("| ours hybrid feature eager | ") == 2
+
+
+def test_update_readme_replaces_only_the_marked_block(quick_report: dict, tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{BEGIN}\nold table\n{END}\noutro\n")
+    update_readme(readme, render_markdown(quick_report))
+    text = readme.read_text()
+    assert text.startswith(f"intro\n{BEGIN}\n**mlp**") and text.endswith(f"{END}\noutro\n")
+    assert "old table" not in text and text.count("| EW eager | ") == 2
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="no"):
+        update_readme(readme, "x")
 
 
 def test_paper_closed_form_matches_gramian_weights() -> None:
