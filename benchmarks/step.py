@@ -128,6 +128,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="print markdown tables of a finished JSON and exit",
     )
+    p.add_argument(
+        "--readme",
+        type=Path,
+        default=None,
+        help=f"with --render: write the tables into this file between the lines {BEGIN!r} and "
+        f"{END!r} instead of printing them",
+    )
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     quick = args.quick
