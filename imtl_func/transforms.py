@@ -105,8 +105,13 @@ class Transform(NamedTuple):
     def task_weights(self, state: IMTLState) -> Tensor:
         """``Weights.task`` of the next update, known before it: ``e^{s}`` (ones for
         'gradient'), ``[T]``."""
-        s = state.log_scale.detach()
-        return torch.exp(s) if self.learns_scales else torch.ones_like(s)
+        return _loss_scales(self.learns_scales, state.log_scale)
+
+
+def _loss_scales(learns: bool, log_scale: Tensor) -> Tensor:
+    """``e^{s}`` for the methods with IMTL-L scales, ones for 'gradient' (detached)."""
+    s = log_scale.detach()
+    return torch.exp(s) if learns else torch.ones_like(s)
 
 
 def transform(
@@ -169,13 +174,12 @@ def transform(
         num_tasks = losses.shape[0]
         s = state.log_scale
         finite = torch.isfinite(losses).all()
+        scale = _loss_scales(learns, s)
         if learns:
-            scale = torch.exp(s)
             sgrad = torch.where(torch.isfinite(losses), scale * losses.to(s.dtype) - 1, 0.0)
             delta, rule_state = rule.update(sgrad, state.rule_state)
             new_state = IMTLState(s + delta, rule_state)
         else:
-            scale = torch.ones_like(s)
             sgrad = torch.zeros_like(s)
             new_state = state
 
