@@ -85,14 +85,6 @@ def params(tree: Any, name: str) -> None:
             )
 
 
-def state_dtype(log_scale: Tensor) -> None:
-    if log_scale.dim() != 1 or not log_scale.is_floating_point():
-        raise ValueError(
-            f"log_scale must be a floating [T] tensor, got {tuple(log_scale.shape)} "
-            f"of dtype {log_scale.dtype}"
-        )
-
-
 def finite_float(value: Any, name: str, *, positive: bool = False, low: float | None = None,
                  high: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -29,11 +29,6 @@ def contract(weights: Tensor, jac: PyTree) -> PyTree:
     return tree_map(lambda j: torch.tensordot(weights.to(j.dtype), j, dims=1), jac)
 
 
-def sum_rows(jac: PyTree) -> PyTree:
-    """Sum of a stacked pytree over its leading axis."""
-    return tree_map(lambda j: j.sum(0), jac)
-
-
 def all_finite(*trees: PyTree) -> Tensor:
     """A bool scalar: every element of every floating leaf is finite.
 

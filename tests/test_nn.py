@@ -66,6 +66,12 @@ def grads_of(params) -> list:
     return [None if p.grad is None else p.grad.clone() for p in params]
 
 
+def assert_grads(net, want) -> None:
+    """Every parameter's .grad equals ``want`` (a grads_of list) to TOL."""
+    for a, b in zip(grads_of(net.parameters()), want, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 # ----------------------------------------------------------------------------- references
 
 
@@ -212,8 +218,7 @@ def test_tensor_losses_and_multi_tensor_feature():
     module = make_module("hybrid")
     z, losses = forward(net, x, ys)
     module(z, torch.stack(losses))
-    for a, b in zip(grads_of(net.parameters()), want, strict=True):
-        torch.testing.assert_close(a, b, **TOL)
+    assert_grads(net, want)
 
     # a feature split into two tensors gives the gradients of the concatenated feature
     net.zero_grad()
@@ -223,8 +228,7 @@ def test_tensor_losses_and_multi_tensor_feature():
     zz = torch.cat([z1, z2], dim=1)
     losses = [((h(zz) - y) ** 2).mean() for h, y in zip(net.heads, ys, strict=True)]
     module((z1, z2), losses)
-    for a, b in zip(grads_of(net.parameters()), want, strict=True):
-        torch.testing.assert_close(a, b, **TOL)
+    assert_grads(net, want)
 
 
 def test_nested_shared_parameters_as_in_the_original_readme():
@@ -235,8 +239,7 @@ def test_nested_shared_parameters_as_in_the_original_readme():
     module = make_module("gradient")
     _, losses = forward(net, x, ys)
     module.backward(shared_parameters=[net.encoder.parameters()], losses=losses)
-    for a, b in zip(grads_of(net.parameters()), want, strict=True):
-        torch.testing.assert_close(a, b, **TOL)
+    assert_grads(net, want)
 
 
 def test_opposite_gradients_give_a_zero_shared_update():
