@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from imtl_func._tree import PyTree, all_finite, leaves, where
-from imtl_func.transforms import IMTLState, Info, Transform, Weights
+from imtl_func._transform import IMTLState, Info, Transform, Weights
 
 __all__ = [
     "Reduce",

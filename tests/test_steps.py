@@ -343,12 +343,12 @@ def test_per_task_decoders_are_one_plain_backward():
     shared, task, encode, _, _ = functional(model)
     state = imtl.init(3, "hybrid", dtype=torch.float64)
     calls = []
-    original = imtl.steps.pullback_rows
-    imtl.steps.pullback_rows = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = imtl._steps.pullback_rows
+    imtl._steps.pullback_rows = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
         imtl.mtl_value_and_grad(encode, _per_task_decoders(model))(shared, task, state, x, y)
     finally:
-        imtl.steps.pullback_rows = original
+        imtl._steps.pullback_rows = original
     assert calls == []
 
 

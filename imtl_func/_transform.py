@@ -2,7 +2,7 @@
 
 ``transform(method)`` returns an optax-style ``(init, update)`` pair. ``update`` never sees
 gradients, only the ``[T]`` losses and the ``[T, T]`` Gramian of the *raw* task gradients, and
-returns weights on those raw gradients; the steps in :mod:`imtl_func.steps` do the contraction.
+returns weights on those raw gradients; the steps in :mod:`imtl_func._steps` do the contraction.
 That keeps the math in one place and makes a multi-process Gramian a single all-reduce.
 """
 
@@ -16,8 +16,8 @@ from torch import Tensor
 
 from imtl_func import _checks
 from imtl_func._tree import where
-from imtl_func.scales import ScaleRule, scale_newton
-from imtl_func.weights import default_rtol, imtl_g_weights
+from imtl_func._scales import ScaleRule, scale_newton
+from imtl_func._imtl_g import default_rtol, imtl_g_weights
 
 __all__ = ["IMTLState", "Info", "Transform", "Weights", "init", "transform"]
 

@@ -1,0 +1,45 @@
+"""The Gramian of a stacked pytree Jacobian: all the IMTL-G weights need from the gradients."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from imtl_func._tree import PyTree, leaves
+
+__all__ = ["gramian"]
+
+
+def gramian(jac: PyTree) -> Tensor:
+    """Gramian ``K = J Jᵀ`` of a stacked pytree Jacobian, as a sum of per-leaf Gramians.
+
+    Args:
+        jac: pytree whose leaves have shape ``[T, *leaf_shape]`` (row t is the gradient of task t
+            with respect to that leaf).
+
+    Returns:
+        ``[T, T]`` tensor ``K_ij = Σ_leaves <J_i, J_j>`` in the widest leaf dtype (at least
+        float32). Each leaf's product runs in the leaf's dtype (float32 for half precision), the
+        sum over leaves in float64. The T × P matrix of all leaves side by side is never formed.
+        The dtype tells :func:`imtl_g_weights` the rounding level of the entries.
+    """
+    rows = leaves(jac)
+    if not rows:
+        raise ValueError("gramian: the Jacobian pytree has no tensor leaves")
+    num_tasks = rows[0].shape[0] if rows[0].dim() > 0 else 0
+    total: Tensor | None = None
+    out_dtype = torch.float32
+    for j in rows:
+        if j.dim() == 0 or j.shape[0] != num_tasks:
+            raise ValueError(
+                "gramian: every Jacobian leaf needs the same leading task axis; got shapes "
+                f"{[tuple(x.shape) for x in rows]}"
+            )
+        flat = j.reshape(num_tasks, -1)
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()
+        out_dtype = torch.promote_types(out_dtype, flat.dtype)
+        part = (flat @ flat.mT).to(torch.float64)
+        total = part if total is None else total + part
+    assert total is not None
+    return total.to(out_dtype)
