@@ -8,6 +8,8 @@
 """
 
 from imtl_func import nn
+from imtl_func._gramian import gramian
+from imtl_func._imtl_g import GWeights, default_rtol, imtl_g_weights
 from imtl_func._jacobian import pullback_rows, task_jacobian
 from imtl_func._scales import (
     AdamState,
@@ -23,8 +25,6 @@ from imtl_func._scales import (
 )
 from imtl_func._steps import Grads, Losses, StepResult, mtl_value_and_grad, value_and_grad
 from imtl_func._transform import IMTLState, Info, Transform, Weights, init, transform
-from imtl_func._gramian import gramian
-from imtl_func._imtl_g import GWeights, default_rtol, imtl_g_weights
 
 __version__ = "0.1.0"
 

@@ -24,11 +24,11 @@ from torch.func import vjp
 
 from imtl_func import _checks
 from imtl_func import distributed as _dist
-from imtl_func._tree import PyTree, all_finite, contract, tree_map, where, zeros_where_not
+from imtl_func._gramian import gramian
 from imtl_func._jacobian import pullback_rows
 from imtl_func._scales import ScaleRule
 from imtl_func._transform import IMTLState, Info, Transform, transform
-from imtl_func._gramian import gramian
+from imtl_func._tree import PyTree, all_finite, contract, tree_map, where, zeros_where_not
 
 __all__ = ["Grads", "Losses", "StepResult", "mtl_value_and_grad", "value_and_grad"]
 

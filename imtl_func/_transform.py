@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from imtl_func import _checks
-from imtl_func._tree import where
-from imtl_func._scales import ScaleRule, scale_newton
 from imtl_func._imtl_g import default_rtol, imtl_g_weights
+from imtl_func._scales import ScaleRule, scale_newton
+from imtl_func._tree import where
 
 __all__ = ["IMTLState", "Info", "Transform", "Weights", "init", "transform"]
 

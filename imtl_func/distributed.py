@@ -30,8 +30,8 @@ import optree
 import torch
 from torch import Tensor
 
-from imtl_func._tree import PyTree, all_finite, leaves, where
 from imtl_func._transform import IMTLState, Info, Transform, Weights
+from imtl_func._tree import PyTree, all_finite, leaves, where
 
 __all__ = [
     "Reduce",

@@ -29,11 +29,11 @@ from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
 from imtl_func import _checks
-from imtl_func._tree import contract
-from imtl_func.distributed import Reduce, replicated
+from imtl_func._gramian import gramian
 from imtl_func._scales import EmptyState, scale_frozen
 from imtl_func._transform import IMTLState, Info, transform
-from imtl_func._gramian import gramian
+from imtl_func._tree import contract
+from imtl_func.distributed import Reduce, replicated
 
 __all__ = ["IMTL", "IMTLOutput"]
 
