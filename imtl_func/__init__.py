@@ -1,16 +1,23 @@
 """imtl_func: Impartial Multi-Task Learning (Liu et al., ICLR 2021) as pure torch.func transforms.
 
-* :func:`mtl_value_and_grad`, :func:`value_and_grad`: one-call steps (feature / parameter level).
-* :func:`transform`, :func:`init`: the optax-style IMTL transform and its state.
-* :func:`task_jacobian`, :func:`gramian`, :func:`imtl_g_weights`, :func:`scale_losses`,
-  :func:`scale_grad`: the building blocks.
-* :mod:`imtl_func.nn`: a stateful ``nn.Module`` for ordinary PyTorch loops.
+* :func:`mtl_value_and_grad`, :func:`value_and_grad`: one-call steps (feature / parameter level);
+  ``step.init(num_tasks)`` makes their state.
+* :func:`preset` (``'hybrid'``, ``'gradient'``, ``'loss'``, ``'equal'``) and :func:`transform`
+  (a :class:`Weighting` and a :class:`ScaleRule`): the ``(init, update)`` transform.
+* Weightings :func:`imtl_g`, :func:`equal`, or your own with :func:`weighting`; scale rules
+  :func:`scale_newton`, :func:`scale_adam`, :func:`scale_sgd`, :func:`scale_frozen`.
+* Building blocks: :func:`task_jacobian`, :func:`gramian`, :func:`imtl_g_weights`,
+  :func:`scale_losses`, :func:`scale_grad`.
+* :mod:`imtl_func.nn`: a stateful ``nn.Module`` for ordinary PyTorch loops;
+  :mod:`imtl_func.distributed`: data parallelism.
 """
 
-from imtl_func import nn
+from imtl_func import distributed, nn
 from imtl_func._gramian import gramian
-from imtl_func._imtl_g import GWeights, default_rtol, imtl_g_weights
-from imtl_func._jacobian import pullback_rows, task_jacobian
+from imtl_func._imtl_g import GWeights, IMTLGStats, imtl_g, imtl_g_weights
+from imtl_func._jacobian import task_jacobian
+from imtl_func._pipeline import Grads, Losses, StepResult
+from imtl_func._presets import preset
 from imtl_func._scales import (
     AdamState,
     EmptyState,
@@ -23,31 +30,38 @@ from imtl_func._scales import (
     scale_newton,
     scale_sgd,
 )
-from imtl_func._steps import Grads, Losses, StepResult, mtl_value_and_grad, value_and_grad
-from imtl_func._transform import IMTLState, Info, Transform, Weights, init, transform
+from imtl_func._steps import Step, mtl_value_and_grad, value_and_grad
+from imtl_func._transform import IMTLState, Info, NonFinite, TaskWeights, Transform, transform
+from imtl_func._weighting import EmptyStats, Weighting, equal, weighting
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdamState",
     "EmptyState",
+    "EmptyStats",
     "GWeights",
     "Grads",
+    "IMTLGStats",
     "IMTLState",
     "Info",
     "Losses",
     "NewtonState",
+    "NonFinite",
     "ScaleRule",
+    "Step",
     "StepResult",
+    "TaskWeights",
     "Transform",
-    "Weights",
-    "default_rtol",
+    "Weighting",
+    "distributed",
+    "equal",
     "gramian",
+    "imtl_g",
     "imtl_g_weights",
-    "init",
     "mtl_value_and_grad",
     "nn",
-    "pullback_rows",
+    "preset",
     "scale_adam",
     "scale_frozen",
     "scale_grad",
@@ -57,4 +71,5 @@ __all__ = [
     "task_jacobian",
     "transform",
     "value_and_grad",
+    "weighting",
 ]

@@ -6,19 +6,13 @@ same in eager mode and while `torch.compile` traces a step.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
 from imtl_func._tree import leaves
-
-METHODS = ("loss", "gradient", "hybrid")
-
-
-def method(name: Any) -> str:
-    if name not in METHODS:
-        raise ValueError(f"method must be one of {METHODS!r}, got {name!r}")
-    return name
 
 
 def num_tasks(value: Any) -> int:
@@ -37,7 +31,7 @@ def square_matrix(x: Any, name: str) -> None:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"{name} must be a [T, T] tensor with T >= 1, got {shape}")
     if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        raise TypeError(f"{name} must be a real floating-point tensor, got dtype {x.dtype}")
 
 
 def losses(x: Any, expected: int | None, where: str) -> Tensor:
@@ -69,19 +63,20 @@ def extra_loss(x: Any, where: str) -> None:
 
 
 def params(tree: Any, name: str) -> None:
-    """A parameter pytree must hold at least one tensor, all of them floating point."""
+    """A parameter (or feature) pytree must hold at least one tensor, all real floating point."""
     ls = leaves(tree)
     if not ls:
         raise ValueError(
             f"{name} is empty: pass a pytree (dict, tuple, ...) of at least one tensor")
     for x in ls:
         if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must hold only tensors, found {type(x).__name__}")
-        if not (x.is_floating_point() or x.is_complex()):
+            raise TypeError(f"{name} must hold only torch tensors, found {type(x).__name__}; "
+                            "convert arrays with torch.as_tensor")
+        if not x.is_floating_point():
             raise TypeError(
-                f"{name} holds a tensor of dtype {x.dtype}; only floating-point tensors can be "
-                "differentiated. Pass integer buffers (e.g. num_batches_tracked) through the batch "
-                "arguments instead"
+                f"{name} holds a tensor of dtype {x.dtype}; only real floating-point tensors can "
+                "be differentiated here. Pass integer buffers (e.g. num_batches_tracked) through "
+                "the batch arguments instead"
             )
 
 
@@ -125,3 +120,78 @@ def scalar_loss(x: Any, task: int) -> Any:
         raise ValueError(f"decode[{task}] must return a floating scalar loss, got {desc}; "
                          "reduce the task's loss to one number (e.g. .mean())")
     return x
+
+
+class StateSpec(NamedTuple):
+    """The types of the parts of a transform's state, to recognise a foreign state."""
+
+    rule_state: type
+    weighting_state: type
+    rule: str
+
+
+_MAKE_STATE = "create it with step.init(num_tasks) (or tx.init(num_tasks)) of this step"
+
+
+def state(x: Any, spec: StateSpec) -> None:
+    """An :class:`IMTLState` made by the same kind of transform, with a floating [T] log-scale."""
+    fields = ("log_scale", "rule_state", "weighting_state")
+    if not (isinstance(x, tuple) and getattr(x, "_fields", None) == fields):
+        raise TypeError(f"state must be the IMTLState returned by init or by the previous step, "
+                        f"got {type(x).__name__}; {_MAKE_STATE}")
+    s = x.log_scale
+    if not isinstance(s, Tensor) or s.dim() != 1 or s.dtype not in (torch.float32,
+                                                                    torch.float64):
+        desc = f"{s.dtype} tensor of shape {tuple(s.shape)}" if isinstance(s, Tensor) else type(
+            s).__name__
+        raise ValueError(f"state.log_scale must be a float32 or float64 [T] tensor, got {desc}; "
+                         f"{_MAKE_STATE}")
+    for part, expected in (("rule_state", spec.rule_state),
+                           ("weighting_state", spec.weighting_state)):
+        got = type(getattr(x, part))
+        if got is not expected:
+            raise ValueError(f"state.{part} is a {got.__name__} but this step's transform keeps "
+                             f"a {expected.__name__} ({spec.rule if part == 'rule_state' else ''}"
+                             f"{'the weighting' if part != 'rule_state' else ''}); the state was "
+                             f"made for another transform: {_MAKE_STATE}")
+
+
+def state_dtype(dtype: Any) -> torch.dtype:
+    """The dtype of a new state: float32 or float64 (half precision is promoted to float32)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a real floating dtype for the IMTL state, got {dtype}")
+    return torch.promote_types(dtype, torch.float32)
+
+
+def initial_log_scale(value: Sequence[float] | Tensor, num_tasks: int, dtype: torch.dtype,
+                      device: Any) -> Tensor:
+    if isinstance(value, Tensor) and (value.is_complex() or not (value.is_floating_point() or
+                                                                 value.dtype == torch.int64)):
+        raise TypeError(f"log_scale must hold real numbers, got dtype {value.dtype}")
+    s = torch.as_tensor(value, dtype=dtype, device=device).detach().clone()
+    if s.shape != (num_tasks,):
+        raise ValueError(f"log_scale must have {num_tasks} entries (one per task), "
+                         f"got shape {tuple(s.shape)}")
+    if not torch.isfinite(s).all():
+        raise ValueError("log_scale must be finite")
+    return s
+
+
+def same_device(losses: Tensor, log_scale: Tensor) -> None:
+    if losses.device != log_scale.device:
+        raise ValueError(f"the losses are on {losses.device} but the IMTL state on "
+                         f"{log_scale.device}; create the state with "
+                         f"step.init(..., device={str(losses.device)!r})")
+
+
+def gramian_for(x: Any, num_tasks: int, device: torch.device) -> Tensor:
+    """The [T, T] Gramian a weighting reads: real floating, T matching the losses, same device."""
+    if x is None:
+        raise ValueError("this transform's weighting needs the Gramian of the task gradients")
+    square_matrix(x, "gramian")
+    if x.shape[0] != num_tasks:
+        raise ValueError(f"gramian is {tuple(x.shape)} but there are {num_tasks} task losses")
+    if x.device != device:
+        raise ValueError(f"the Gramian is on {x.device} but the losses on {device}; compute both "
+                         "on one device")
+    return x.detach()

@@ -43,3 +43,13 @@ def gramian(jac: PyTree) -> Tensor:
         total = part if total is None else total + part
     assert total is not None
     return total.to(out_dtype)
+
+
+def norms_and_cosines(gramian: Tensor) -> tuple[Tensor, Tensor]:
+    """Task-gradient norms ``√K_tt`` ``[T]`` and cosines ``K_ij / (n_i n_j)`` ``[T, T]`` (0 in the
+    rows and columns of zero gradients), in the Gramian's dtype."""
+    norm = gramian.diagonal().clamp_min(0).sqrt()
+    nonzero = norm > 0
+    safe = torch.where(nonzero, norm, torch.ones_like(norm))
+    pair = nonzero[:, None] & nonzero[None, :]
+    return norm, torch.where(pair, gramian / (safe[:, None] * safe[None, :]), 0.0)

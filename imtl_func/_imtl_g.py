@@ -6,14 +6,15 @@ K_ij = <g_i, g_j>, so nothing here ever holds the T gradients side by side.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from imtl_func import _checks
+from imtl_func._weighting import Weighting, _no_state
 
-__all__ = ["GWeights", "imtl_g_weights"]
+__all__ = ["GWeights", "IMTLGStats", "imtl_g", "imtl_g_weights"]
 
 #: A task whose gradient norm is at most this fraction of the largest one has no direction.
 NORM_CUTOFF = 1e-10
@@ -118,3 +119,40 @@ def imtl_g_weights(gramian: Tensor, *, rtol: float | None = None) -> GWeights:
         norm=norm.to(dtype),
         cosine=cosine.to(dtype),
     )
+
+
+class IMTLGStats(NamedTuple):
+    """What :func:`imtl_g` reports besides ``α``.
+
+    Attributes:
+        projection: ``[]`` the common projection ``c`` of the combined gradient on every unit task
+            gradient (0 when degenerate; sign-flipped with ``flip_negative``).
+        degenerate: ``[]`` bool; no nonzero equal-projection direction, ``α = 0``.
+    """
+
+    projection: Tensor
+    degenerate: Tensor
+
+
+def imtl_g(*, flip_negative: bool = False, rtol: float | None = None) -> Weighting:
+    """IMTL-G as a :class:`~imtl_func.Weighting`: the weights of :func:`imtl_g_weights`.
+
+    Args:
+        flip_negative: when the common projection ``c`` is negative, negate ``α`` so that a step
+            along ``−g`` lowers every task's loss to first order. Off by default (the paper's
+            behaviour): ``α`` is returned as computed and ``c`` is reported.
+        rtol: see :func:`imtl_g_weights`; default from the Gramian's dtype.
+    """
+    flip = bool(flip_negative)
+
+    def update(gramian: Tensor | None, losses: Tensor, state: Any) -> tuple[Tensor, Any, Any]:
+        if gramian is None:
+            raise ValueError("IMTL-G needs the Gramian of the task gradients")
+        g = imtl_g_weights(gramian, rtol=rtol)
+        alpha, projection = g.alpha.to(torch.float64), g.projection.to(torch.float64)
+        if flip:
+            sign = torch.where(projection < 0, -1.0, 1.0).to(torch.float64)
+            alpha, projection = alpha * sign, projection * sign
+        return alpha, IMTLGStats(projection, g.degenerate), state
+
+    return Weighting(_no_state, update, needs_gramian=True)

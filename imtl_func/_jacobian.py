@@ -13,7 +13,7 @@ from torch.func import vjp, vmap
 from imtl_func import _checks
 from imtl_func._tree import PyTree, tree_map
 
-__all__ = ["pullback_rows", "task_jacobian"]
+__all__ = ["task_jacobian"]
 
 
 def pullback_rows(

@@ -8,6 +8,7 @@ same value. A scale rule turns that gradient into a change of ``s`` (optax-style
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -193,3 +194,24 @@ def scale_frozen() -> ScaleRule:
         return torch.zeros_like(grad), state
 
     return ScaleRule(init, update)
+
+
+#: ``|s|`` never exceeds this: ``e^40 ≈ 2.4e17`` covers losses from 4e-18 to 2e17 and keeps
+#: ``e^{s} ℓ`` and the scaled gradients finite in float32.
+MAX_LOG_SCALE = 40.0
+
+
+def log_scale_bound(dtype: torch.dtype) -> float:
+    """Largest ``|s|`` for a step that computes in ``dtype``: 40, or less where ``e^{s}`` would
+    come within a factor e of the dtype's largest value (float16: 10.09, ``e^{s} ≤ 24,100``)."""
+    return min(MAX_LOG_SCALE, math.log(torch.finfo(dtype).max) - 1.0)
+
+
+def loss_scales(log_scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """The loss scales ``e^{s}`` a step computing in ``dtype`` uses, detached, ``[T]``.
+
+    ``s`` is clamped to ``±log_scale_bound(dtype)`` first, so a scale is finite and nonzero in
+    that dtype whatever the state holds (e.g. a large ``init_loss``).
+    """
+    bound = log_scale_bound(dtype)
+    return torch.exp(log_scale.detach().clamp(-bound, bound))

@@ -1,14 +1,12 @@
 """One-call IMTL steps: losses in, combined gradients and the new state out.
 
-Two levels, one recipe (DESIGN.md §2):
+Two levels, one pipeline (:mod:`imtl_func._pipeline`):
 
-* feature-level (:func:`mtl_value_and_grad`, the paper's fast path): task gradients are taken
-  with respect to the shared feature ``z = encode(θ, batch)``. Cost: one forward pass, one
-  batched backward through the heads for all T tasks, one backward through the encoder with the
-  cotangent ``Σ_t w_t ∇_z ℓ_t``.
-* parameter-level (:func:`value_and_grad`): task gradients with respect to the shared
-  parameters themselves; a batched backward through the whole model gives the ``T × |θ|``
-  Jacobian.
+* feature level (:func:`mtl_value_and_grad`, the paper's practice): task gradients with respect
+  to the shared feature ``z = encode(θ, batch)``; one backward through the heads for all T tasks
+  and one through the encoder with the cotangent ``Σ_t w_t ∇_z ℓ_t``.
+* parameter level (:func:`value_and_grad`): task gradients with respect to the shared
+  parameters themselves, a ``T × |θ|`` Jacobian from one batched backward.
 
 Both are pure functions of their inputs, traceable by ``torch.compile(fullgraph=True)``.
 """
@@ -16,94 +14,68 @@ Both are pure functions of their inputs, traceable by ``torch.compile(fullgraph=
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import vjp
 
-from imtl_func import _checks
-from imtl_func import distributed as _dist
-from imtl_func._gramian import gramian
+from imtl_func import _checks, _reduce
 from imtl_func._jacobian import pullback_rows
+from imtl_func._pipeline import (
+    Grads,
+    Losses,
+    StepResult,
+    combine,
+    finish,
+    rows_gramian,
+    weigh,
+    with_extra,
+)
+from imtl_func._presets import resolve
 from imtl_func._scales import ScaleRule
-from imtl_func._transform import IMTLState, Info, Transform, transform
-from imtl_func._tree import PyTree, all_finite, contract, tree_map, where, zeros_where_not
+from imtl_func._transform import IMTLState, Transform
+from imtl_func._tree import PyTree, tree_map
 
-__all__ = ["Grads", "Losses", "StepResult", "mtl_value_and_grad", "value_and_grad"]
+__all__ = ["Step", "mtl_value_and_grad", "value_and_grad"]
 
 
-class Losses(NamedTuple):
-    """What a loss function may return instead of a bare ``[T]`` tensor.
+class Step:
+    """A one-call IMTL step and the transform it runs.
 
-    Attributes:
-        task: ``[T]`` raw task losses, weighted by IMTL.
-        extra: optional scalar that bypasses IMTL (a regulariser, an auxiliary loss): its plain
-            gradient is added to every parameter's gradient, unweighted and unscaled.
+    ``step(shared_params, task_params, state, *batch) -> StepResult``; ``step.init(T)`` makes
+    the state it expects. ``torch.compile(step)`` compiles the call.
     """
 
-    task: Tensor
-    extra: Tensor | None = None
+    def __init__(self, fn: Callable[..., StepResult], tx: Transform, name: str) -> None:
+        self._fn = fn
+        self.transform = tx
+        self.__name__ = name
+
+    def init(self, num_tasks: int, **kwargs: Any) -> IMTLState:
+        """The initial state: ``self.transform.init(num_tasks, log_scale=None,
+        dtype=torch.float32, device=None)``."""
+        return self.transform.init(num_tasks, **kwargs)
+
+    def __call__(self, shared_params: PyTree, task_params: PyTree, state: IMTLState,
+                 *batch: Any) -> StepResult:
+        return self._fn(shared_params, task_params, state, *batch)
 
 
-class Grads(NamedTuple):
-    """Gradients with the structure of the parameters they belong to.
-
-    Attributes:
-        shared: like ``shared_params``: the IMTL combination of the task gradients (plus the
-            gradient of ``Losses.extra``).
-        task: like ``task_params``: ``Σ_t w_t ∇ℓ_t`` with ``w = e^{s}`` ('loss', 'hybrid') or ones
-            ('gradient'), i.e. each head its own (scaled) task gradient (plus ``Losses.extra``).
-    """
-
-    shared: PyTree
-    task: PyTree
-
-
-class StepResult(NamedTuple):
-    """Result of one IMTL step.
-
-    Attributes:
-        losses: ``[T]`` raw task losses (detached).
-        grads: :class:`Grads`.
-        state: the new :class:`IMTLState` (unchanged when ``info.finite`` is False).
-        info: :class:`Info` for logging.
-        aux: feature-level: ``(encoder_aux, decoder_aux)``; parameter-level: the loss
-            function's aux; ``None`` where no function has aux.
-    """
-
-    losses: Tensor
-    grads: Grads
-    state: IMTLState
-    info: Info
-    aux: Any
-
-
-Method = str | Transform
-
-
-def _as_transform(method: Method, scale_rule: ScaleRule | None, flip_negative: bool) -> Transform:
-    if isinstance(method, Transform):
-        if scale_rule is not None or flip_negative:
-            raise ValueError("pass scale_rule and flip_negative to imtl_func.transform(), not "
-                             "next to a Transform")
-        return method
-    return transform(method, scale_rule=scale_rule, flip_negative=flip_negative)
-
-
-def _loss_vector(out: Any, where_: str) -> tuple[Tensor, int]:
+def _loss_vector(out: Any, where: str) -> tuple[Tensor, int]:
     """A loss function's output as ``[T]``, or ``[T + 1]`` with the extra loss last; and T."""
     if isinstance(out, Losses):
-        _checks.losses(out.task, None, where_)
+        _checks.losses(out.per_task, None, where)
         if out.extra is None:
-            return out.task, out.task.shape[0]
-        _checks.extra_loss(out.extra, where_)
-        return torch.cat([out.task, out.extra.reshape(1).to(out.task.dtype)]), out.task.shape[0]
-    _checks.losses(out, None, where_)
+            return out.per_task, out.per_task.shape[0]
+        _checks.extra_loss(out.extra, where)
+        extra = out.extra.reshape(1).to(out.per_task.dtype)
+        return torch.cat([out.per_task, extra]), out.per_task.shape[0]
+    _checks.losses(out, None, where)
     return out, out.shape[0]
 
 
-def _vjp(fn: Callable[..., Any], has_aux: bool, where_: str, *primals: PyTree
+def _vjp(fn: Callable[..., Any], has_aux: bool, where: str, *primals: PyTree
          ) -> tuple[Tensor, Callable[..., Any], int, Any]:
     """``torch.func.vjp`` of a loss function: ``(vector, pullback, T, aux)``.
 
@@ -115,10 +87,10 @@ def _vjp(fn: Callable[..., Any], has_aux: bool, where_: str, *primals: PyTree
         out = fn(*args)
         if has_aux:
             if not isinstance(out, tuple) or isinstance(out, Losses) or len(out) != 2:
-                raise ValueError(f"{where_} was declared has_aux=True, so it must return "
+                raise ValueError(f"{where} was declared has_aux=True, so it must return "
                                  "(losses, aux)")
             out, aux = out
-        vector, meta["num_tasks"] = _loss_vector(out, where_)
+        vector, meta["num_tasks"] = _loss_vector(out, where)
         return (vector, aux) if has_aux else vector
 
     if has_aux:
@@ -132,97 +104,57 @@ def _detached(tree: PyTree) -> PyTree:
     return tree_map(torch.Tensor.detach, tree)
 
 
-def _rows(vector: Tensor) -> Tensor:
+def _eye(vector: Tensor) -> Tensor:
     return torch.eye(vector.shape[0], dtype=vector.dtype, device=vector.device)
-
-
-def _with_extra(weights: Tensor, size: int) -> Tensor:
-    """Append weight 1 for the bypassing extra loss when there is one (``size = T + 1``)."""
-    if size == weights.shape[0]:
-        return weights
-    return torch.cat([weights, weights.new_ones(size - weights.shape[0])])
-
-
-def _task_losses(vector: Tensor, num_tasks: int, state: IMTLState, where_: str) -> Tensor:
-    """The ``[T]`` task losses at the head of ``vector``, T checked against the state."""
-    losses = vector[:num_tasks]
-    _checks.losses(losses, state.log_scale.shape[0], where_)
-    return losses
-
-
-def _finish(
-    losses: Tensor,
-    vector: Tensor,
-    g_shared: PyTree,
-    g_task: PyTree,
-    state: IMTLState,
-    new_state: IMTLState,
-    info: Info,
-    aux: Any,
-    replicas: _dist.Replicas | None = None,
-) -> StepResult:
-    """Skip the step (zero gradients, old state) unless every loss and gradient is finite."""
-    finite = info.finite & torch.isfinite(vector).all() & all_finite(g_shared, g_task)
-    if replicas is not None:
-        finite = finite & replicas.finite
-    return StepResult(
-        losses=losses.detach(),
-        grads=Grads(zeros_where_not(finite, g_shared), zeros_where_not(finite, g_task)),
-        state=where(finite, new_state, state),
-        info=info._replace(finite=finite),
-        aux=aux,
-    )
 
 
 def mtl_value_and_grad(
     encode: Callable[..., Any],
     decode: Callable[..., Any] | Sequence[Callable[..., Tensor]],
-    method: Method = "hybrid",
+    method: str | Transform = "hybrid",
     *,
     scale_rule: ScaleRule | None = None,
     flip_negative: bool = False,
     encoder_has_aux: bool = False,
     has_aux: bool = False,
     chunk_size: int | None = None,
-    reduce: _dist.Reduce | None = None,
-) -> Callable[..., StepResult]:
+    reduce: _reduce.Reduce | None = None,
+) -> Step:
     """Feature-level IMTL step (the paper's practice): task gradients w.r.t. the shared feature.
 
     Args:
         encode: ``encode(shared_params, *batch) -> features``, any pytree of tensors (or
             ``(features, aux)`` with ``encoder_has_aux``; e.g. updated BatchNorm buffers).
-        decode: ``decode(task_params, features, *batch) -> losses`` with ``losses`` a ``[T]``
-            tensor or :class:`Losses` (or ``(losses, aux)`` with ``has_aux``). Or the fast
-            path: a sequence of T functions ``decode[t](task_params, features, *batch) -> ℓ_t``
-            (a scalar), one per task. Each then reads its own reference to the features, so a
-            single ordinary backward through the heads gives every ``∇_z ℓ_t`` (no vmap): the
-            cost of equal weighting plus one ``T × T`` Gramian. A general ``decode`` needs the
-            batched backward over T rows, which also back-propagates every row through every
-            head (``T²`` head backwards; see the benchmarks). No aux or extra loss here.
-        method: ``'loss'``, ``'gradient'``, ``'hybrid'`` or a :class:`Transform`.
-        scale_rule: log-scale update rule (default :func:`imtl_func.scale_newton`).
-        flip_negative: see :func:`imtl_func.transform`.
-        encoder_has_aux: ``encode`` returns ``(features, aux)`` (e.g. updated BatchNorm buffers).
+        decode: the fast path, a sequence of T functions
+            ``decode[t](task_params, features, *batch) -> ℓ_t`` (a scalar), one per task: each
+            reads its own reference to the features, so one ordinary backward through the heads
+            gives every ``∇_z ℓ_t``, the cost of equal weighting plus one ``T × T`` Gramian. Or
+            one function ``decode(task_params, features, *batch) -> losses`` with ``losses`` a
+            ``[T]`` tensor or :class:`Losses` (or ``(losses, aux)`` with ``has_aux``); it needs a
+            batched backward over T rows, which back-propagates every row through every head
+            (``T²`` head backwards).
+        method: ``'hybrid'``, ``'gradient'``, ``'loss'``, ``'equal'`` (see
+            :func:`imtl_func.preset`) or a :class:`Transform`.
+        scale_rule: log-scale rule of a named method (default :func:`imtl_func.scale_newton`).
+        flip_negative: see :func:`imtl_func.imtl_g`.
+        encoder_has_aux: ``encode`` returns ``(features, aux)``.
         has_aux: ``decode`` returns ``(losses, aux)``. Either aux comes back in
             ``StepResult.aux = (encoder_aux, decoder_aux)``.
         chunk_size: rows of the batched head backward per vmap call (``1``: a plain loop).
         reduce: data parallelism (like JAX's ``axis_name``): ``reduce(x)`` returns the sum of a
             1-D tensor over the replicas, e.g. :func:`imtl_func.distributed.all_sum`. Each
-            replica passes its slice of the global batch (every feature tensor split along the
-            batch); one reduction of the ``[T, T]`` Gramian, the losses and a non-finite flag
-            gives every replica the global α and state, a second one averages the gradients.
-            The result is that of one process on the global batch.
+            replica passes its slice of the global batch; one reduction of the Gramian and the
+            losses gives every replica the global α and state, a second one averages the
+            gradients. The result is that of one process on the global batch.
 
     Returns:
-        ``step(shared_params, task_params, state, *batch) -> StepResult``. With
-        ``g_t = ∇_z ℓ_t`` (``e^{s_t}∇_z ℓ_t`` for 'hybrid') and ``α`` from their Gramian, the
-        shared parameters get ``vjp_encode(Σ_t α_t g_t)``, the task parameters
-        ``Σ_t w_t ∇ℓ_t`` (see :class:`Grads`). For 'loss' this is just the gradient of
-        ``Σ_t e^{s_t} ℓ_t``, computed with a single backward pass.
+        A :class:`Step`: ``step(shared_params, task_params, state, *batch) -> StepResult`` and
+        ``step.init(num_tasks)``. With ``g_t = ∇_z ℓ_t`` (``e^{s_t}∇_z ℓ_t`` with loss scales)
+        and ``α`` the weighting of their Gramian, the shared parameters get
+        ``vjp_encode(Σ_t α_t g_t)``, the task parameters ``Σ_t w_t ∇ℓ_t`` (see :class:`Grads`).
     """
-    tx = _as_transform(method, scale_rule, flip_negative)
+    tx = resolve(method, scale_rule, flip_negative)
     _checks.chunk_size(chunk_size)
-    where_ = "decode"
     heads = _checks.per_task_decoders(decode, has_aux)
 
     def step(shared_params: PyTree, task_params: PyTree, state: IMTLState, *batch: Any
@@ -233,60 +165,65 @@ def mtl_value_and_grad(
         def enc(p: PyTree) -> Any:
             return encode(p, *batch)
 
-        def dec(tp: PyTree, z: PyTree) -> Any:
-            return decode(tp, z, *batch)
-
         if encoder_has_aux:
             features, enc_pullback, enc_aux = vjp(enc, _detached(shared_params), has_aux=True)
         else:
             (features, enc_pullback), enc_aux = vjp(enc, _detached(shared_params)), None
         _checks.params(features, "the features returned by encode")
         if heads is not None:
-            g_shared, g_task, losses, vector, new_state, info, replicas = _per_task_heads(
-                tx, heads, features, enc_pullback, task_params, state, batch, reduce)
-            aux = (enc_aux, None) if encoder_has_aux else None
-            return _finish(losses, vector, g_shared, g_task, state, new_state, info, aux,
-                           replicas)
-        vector, dec_pullback, num_tasks, dec_aux = _vjp(
-            dec, has_aux, where_, _detached(task_params), features)
-        _task_losses(vector, num_tasks, state, where_)
+            return _per_task(tx, heads, features, enc_pullback, enc_aux if encoder_has_aux
+                             else None, encoder_has_aux, task_params, state, batch, reduce)
 
+        def dec(tp: PyTree, z: PyTree) -> Any:
+            return decode(tp, z, *batch)
+
+        vector, dec_pullback, num_tasks, dec_aux = _vjp(
+            dec, has_aux, "decode", _detached(task_params), features)
         k = None
         if tx.needs_gramian:
-            task_rows, feature_rows = pullback_rows(dec_pullback, _rows(vector), chunk_size)
-            k = gramian(tree_map(lambda j: j[:num_tasks], feature_rows))
-        vector, k, replicas = _dist.sum_statistics(reduce, vector, k)
-        losses = vector[:num_tasks]
-        weights, new_state, info = tx.update(losses, k, state)
+            task_rows, feature_rows = pullback_rows(dec_pullback, _eye(vector), chunk_size)
+            k = rows_gramian(feature_rows, num_tasks)
+        proposal, count = weigh(tx, state, vector, num_tasks, k, reduce)
+        weights, size = proposal.weights, vector.shape[0]
         if tx.needs_gramian:
-            g_task = contract(_with_extra(weights.task, vector.shape[0]), task_rows)
-            cotangent = contract(_with_extra(weights.shared, vector.shape[0]), feature_rows)
+            g_task = combine(weights.task, task_rows, size)
+            cotangent = combine(weights.shared, feature_rows, size)
+        elif tx.weighting.uniform:
+            g_task, cotangent = dec_pullback(_cot(weights.task, vector))
         else:
-            g_task, cotangent = dec_pullback(
-                _with_extra(weights.task, vector.shape[0]).to(vector.dtype))
+            g_task, _ = dec_pullback(_cot(weights.task, vector))
+            _, cotangent = dec_pullback(_cot(weights.shared, vector))
         (g_shared,) = enc_pullback(cotangent)
-        g_shared, g_task = _dist.mean_over_replicas(reduce, replicas, (g_shared, g_task))
+        grads = Grads(*_reduce.mean(reduce, count, (g_shared, g_task)))
         aux = None if not (encoder_has_aux or has_aux) else (enc_aux, dec_aux)
-        return _finish(losses, vector, g_shared, g_task, state, new_state, info, aux, replicas)
+        return finish(proposal, state, grads, aux, num_tasks)
 
-    return step
+    return Step(step, tx, "mtl_value_and_grad")
 
 
-def _per_task_heads(
+def _cot(weights: Tensor, vector: Tensor) -> Tensor:
+    """Weights as the cotangent of ``vector`` (weight 1 on an extra loss)."""
+    return with_extra(weights, vector.shape[0], vector.dtype)
+
+
+def _per_task(
     tx: Transform,
     heads: Sequence[Callable[..., Tensor]],
     features: PyTree,
     enc_pullback: Callable[..., Any],
+    enc_aux: Any,
+    encoder_has_aux: bool,
     task_params: PyTree,
     state: IMTLState,
     batch: tuple[Any, ...],
-    reduce: _dist.Reduce | None,
-) -> tuple[PyTree, PyTree, Tensor, Tensor, IMTLState, Info, _dist.Replicas | None]:
+    reduce: _reduce.Reduce | None,
+) -> StepResult:
     """The feature-level step for per-task decoders: one plain backward through the heads.
 
-    Task t reads its own reference ``z_t`` to the features, so the cotangent ``c = Weights.task``
+    Task t reads its own reference ``z_t`` to the features, so the cotangent ``c = e^{s}``
     (known before the update) gives ``∂/∂z_t = c_t ∇_z ℓ_t`` for every t at once and the task
-    parameters their final gradient ``Σ_t c_t ∇ℓ_t``.
+    parameters their final gradient ``Σ_t c_t ∇ℓ_t``. The rows already carry the scales, so
+    nothing is divided by them.
     """
     num_tasks = len(heads)
 
@@ -297,55 +234,61 @@ def _per_task_heads(
         ])
 
     vector, pullback = vjp(dec_all, _detached(task_params), (features,) * num_tasks)
-    losses = _task_losses(vector, num_tasks, state, "decode")
-    c = tx.task_weights(state).to(vector.dtype)
+    _checks.losses(vector, state.log_scale.shape[0], "decode")
+    c = tx.loss_scales(state, vector.dtype).to(vector.dtype)
     g_task, copies = pullback(c)
-    rows = tree_map(lambda *r: torch.stack(r), *copies)  # leaves [T, ...]: c_t ∇_z ℓ_t
-    k = gramian(rows) / (c[:, None] * c[None, :]) if tx.needs_gramian else None
-    vector, k, replicas = _dist.sum_statistics(reduce, vector, k)
-    losses = vector[:num_tasks]
-    weights, new_state, info = tx.update(losses, k, state)
-    (g_shared,) = enc_pullback(contract(weights.shared / c.to(weights.shared.dtype), rows))
-    g_shared, g_task = _dist.mean_over_replicas(reduce, replicas, (g_shared, g_task))
-    return g_shared, g_task, losses, vector, new_state, info, replicas
+    aux = (enc_aux, None) if encoder_has_aux else None
+    if not tx.needs_gramian:
+        proposal, count = weigh(tx, state, vector, num_tasks, None, reduce, prescaled=True)
+        cotangent = tree_map(lambda *r: sum(r[1:], r[0]), *copies)
+        if not tx.weighting.uniform:
+            w = proposal.weights.shared.to(vector.dtype)  # on the scaled rows
+            cotangent = tree_map(lambda *r: sum(wt * x for wt, x in zip(w, r, strict=True)),
+                                 *copies)
+    else:
+        rows = tree_map(lambda *r: torch.stack(r), *copies)  # leaves [T, ...]: c_t ∇_z ℓ_t
+        proposal, count = weigh(tx, state, vector, num_tasks, rows_gramian(rows, num_tasks),
+                                reduce, prescaled=True)
+        cotangent = combine(proposal.weights.shared, rows, num_tasks)
+    (g_shared,) = enc_pullback(cotangent)
+    grads = Grads(*_reduce.mean(reduce, count, (g_shared, g_task)))
+    return finish(proposal, state, grads, aux, num_tasks)
 
 
 def value_and_grad(
     loss_fn: Callable[..., Any],
-    method: Method = "hybrid",
+    method: str | Transform = "hybrid",
     *,
     scale_rule: ScaleRule | None = None,
     flip_negative: bool = False,
     has_aux: bool = False,
     chunk_size: int | None = None,
-    reduce: _dist.Reduce | None = None,
-) -> Callable[..., StepResult]:
+    reduce: _reduce.Reduce | None = None,
+) -> Step:
     """Parameter-level IMTL step: task gradients w.r.t. the shared parameters themselves.
 
     Args:
         loss_fn: ``loss_fn(shared_params, task_params, *batch) -> losses`` with ``losses`` a
             ``[T]`` tensor or :class:`Losses` (or ``(losses, aux)`` with ``has_aux``). Which
             leaves are shared is said by which argument holds them.
-        method: ``'loss'``, ``'gradient'``, ``'hybrid'`` or a :class:`Transform`.
-        scale_rule: log-scale update rule (default :func:`imtl_func.scale_newton`).
-        flip_negative: see :func:`imtl_func.transform`.
+        method: as in :func:`mtl_value_and_grad`.
+        scale_rule: log-scale rule of a named method (default :func:`imtl_func.scale_newton`).
+        flip_negative: see :func:`imtl_func.imtl_g`.
         has_aux: ``loss_fn`` returns ``(losses, aux)``; ``aux`` comes back as ``StepResult.aux``.
         chunk_size: Jacobian rows per vmap call; bounds the memory of the ``T × |θ|`` Jacobian
             pass (``1``: a plain loop).
-        reduce: as in :func:`mtl_value_and_grad`. A row of the global Jacobian is a sum over
-            replicas, so the whole ``T × |θ|`` shared Jacobian is reduced (with the losses and
-            the flag), then the task-specific gradients: T times the traffic of plain data
-            parallelism ('loss' needs no Jacobian and reduces only the gradients).
+        reduce: as in :func:`mtl_value_and_grad`. A row of the global Jacobian is a mean over
+            replicas, so the whole ``T × |θ|`` shared Jacobian is reduced (with the losses),
+            then the task-specific gradients: T times the traffic of plain data parallelism.
 
     Returns:
-        ``step(shared_params, task_params, state, *batch) -> StepResult``; the shared parameters
-        get ``Σ_t w_t ∇_θ ℓ_t`` with the weights from the Gramian of the per-task parameter
-        gradients (summed over every shared leaf), the task parameters as in the feature-level
-        step. Exact, but one batched backward computes T gradients of the whole model.
+        A :class:`Step`; the shared parameters get ``Σ_t w_t ∇_θ ℓ_t`` with the weights from the
+        Gramian of the per-task parameter gradients (summed over every shared leaf), the task
+        parameters as in the feature-level step. Exact, but one batched backward computes T
+        gradients of the whole model.
     """
-    tx = _as_transform(method, scale_rule, flip_negative)
+    tx = resolve(method, scale_rule, flip_negative)
     _checks.chunk_size(chunk_size)
-    where_ = "loss_fn"
 
     def step(shared_params: PyTree, task_params: PyTree, state: IMTLState, *batch: Any
              ) -> StepResult:
@@ -356,24 +299,22 @@ def value_and_grad(
             return loss_fn(sp, tp, *batch)
 
         vector, pullback, num_tasks, aux = _vjp(
-            fn, has_aux, where_, _detached(shared_params), _detached(task_params))
-        _task_losses(vector, num_tasks, state, where_)
-
+            fn, has_aux, "loss_fn", _detached(shared_params), _detached(task_params))
+        size = vector.shape[0]
         if tx.needs_gramian:
-            shared_rows, task_rows = pullback_rows(pullback, _rows(vector), chunk_size)
-            vector, shared_rows, replicas = _dist.sum_rows(reduce, vector, shared_rows)
-            k = gramian(tree_map(lambda j: j[:num_tasks], shared_rows))
-            weights, new_state, info = tx.update(vector[:num_tasks], k, state)
-            g_shared = contract(_with_extra(weights.shared, vector.shape[0]), shared_rows)
-            g_task = contract(_with_extra(weights.task, vector.shape[0]), task_rows)
-            g_task = _dist.mean_over_replicas(reduce, replicas, g_task)
+            shared_rows, task_rows = pullback_rows(pullback, _eye(vector), chunk_size)
+            vector, shared_rows, count = _reduce.rows(reduce, vector, shared_rows)
+            proposal, _ = weigh(tx, state, vector, num_tasks,
+                                rows_gramian(shared_rows, num_tasks), None)
+            g_shared = combine(proposal.weights.shared, shared_rows, size)
+            g_task = _reduce.mean(reduce, count,
+                                  combine(proposal.weights.task, task_rows, size))
         else:
-            vector, _, replicas = _dist.sum_statistics(reduce, vector, None)
-            weights, new_state, info = tx.update(vector[:num_tasks], None, state)
-            g_shared, g_task = pullback(
-                _with_extra(weights.task, vector.shape[0]).to(vector.dtype))
-            g_shared, g_task = _dist.mean_over_replicas(reduce, replicas, (g_shared, g_task))
-        return _finish(vector[:num_tasks], vector, g_shared, g_task, state, new_state, info, aux,
-                       replicas)
+            proposal, count = weigh(tx, state, vector, num_tasks, None, reduce)
+            g_shared, g_task = pullback(_cot(proposal.weights.task, vector))
+            if not tx.weighting.uniform:
+                g_shared, _ = pullback(_cot(proposal.weights.shared, vector))
+            g_shared, g_task = _reduce.mean(reduce, count, (g_shared, g_task))
+        return finish(proposal, state, Grads(g_shared, g_task), aux, num_tasks)
 
-    return step
+    return Step(step, tx, "value_and_grad")

@@ -1,71 +1,95 @@
-"""The IMTL transform: from task losses and the Gramian of their gradients to task weights.
+"""The IMTL transform: a weighting and a scale rule as one ``(init, update)`` pair.
 
-``transform(method)`` returns an optax-style ``(init, update)`` pair. ``update`` never sees
-gradients, only the ``[T]`` losses and the ``[T, T]`` Gramian of the *raw* task gradients, and
-returns weights on those raw gradients; the steps in :mod:`imtl_func._steps` do the contraction.
-That keeps the math in one place and makes a multi-process Gramian a single all-reduce.
+``update`` never sees gradients, only the ``[T]`` losses and the ``[T, T]`` Gramian of the task
+gradients, and returns weights on those gradients; the steps do the contraction. That keeps the
+math in one place and makes a multi-process Gramian a single all-reduce. The transform proposes;
+:func:`imtl_func._gate.gate` decides whether the proposal is taken.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from imtl_func import _checks
-from imtl_func._imtl_g import default_rtol, imtl_g_weights
-from imtl_func._scales import ScaleRule, scale_newton
-from imtl_func._tree import where
+from imtl_func._gramian import norms_and_cosines
+from imtl_func._scales import ScaleRule, log_scale_bound, loss_scales
+from imtl_func._weighting import Weighting
 
-__all__ = ["IMTLState", "Info", "Transform", "Weights", "init", "transform"]
+__all__ = ["IMTLState", "Info", "NonFinite", "Proposal", "TaskWeights", "Transform", "transform"]
 
 
 class IMTLState(NamedTuple):
-    """Everything IMTL carries between steps.
+    """Everything IMTL carries between steps. Made by ``init`` of the transform (or step) that
+    updates it; a state of another transform is refused with a clear error.
 
     Attributes:
-        log_scale: ``[T]`` IMTL-L log-scales ``s`` (zeros, and never changed, for 'gradient').
+        log_scale: ``[T]`` IMTL-L log-scales ``s`` (float32 or float64; zeros, never changed,
+            without a scale rule).
         rule_state: the scale rule's state (moments, step count), a NamedTuple of tensors.
+        weighting_state: the weighting's state (empty for IMTL-G and equal weighting).
     """
 
     log_scale: Tensor
-    rule_state: NamedTuple
+    rule_state: Any
+    weighting_state: Any
 
 
-class Weights(NamedTuple):
-    """Weights on the raw task gradients ``∇ℓ_t``.
+class TaskWeights(NamedTuple):
+    """Weights on the task gradients given to ``update``.
 
     Attributes:
-        shared: ``[T]``; the shared parameters get ``Σ_t shared[t] ∇ℓ_t``
-            ('loss': ``e^{s}``; 'gradient': ``α``; 'hybrid': ``α ⊙ e^{s}``).
-        task: ``[T]``; task-specific parameters get ``Σ_t task[t] ∇ℓ_t``
-            (``e^{s}`` for 'loss' and 'hybrid', ones for 'gradient').
+        shared: ``[T]`` float64; the shared parameters get ``Σ_t shared[t] g_t``
+            (equal + scales: ``e^{s}``; IMTL-G: ``α``; IMTL-G + scales: ``α ⊙ e^{s}``, or ``α``
+            when the rows already carry ``e^{s}``).
+        task: ``[T]``; task-specific parameters get ``Σ_t task[t] ∇ℓ_t`` (``e^{s}``, or ones
+            without scales).
     """
 
     shared: Tensor
     task: Tensor
 
 
+class NonFinite(NamedTuple):
+    """What the gate found not finite (True = not finite).
+
+    Attributes:
+        losses: ``[T]`` bool, per task.
+        scales: ``[T]`` bool, the loss scales ``e^{s}`` per task.
+        gramian: ``[T]`` bool, tasks whose row of the Gramian (their gradient) is not finite.
+        gradients: ``[]`` bool, the combined gradients the step returns.
+        state: ``[]`` bool, the proposed new state.
+    """
+
+    losses: Tensor
+    scales: Tensor
+    gramian: Tensor
+    gradients: Tensor
+    state: Tensor
+
+
 class Info(NamedTuple):
     """What a step computed, for logging. All tensors, no autograd graph.
 
     Attributes:
-        alpha: ``[T]`` IMTL-G weights on the (scaled, for 'hybrid') task gradients, ``Σα = 1``;
-            ones for 'loss'.
-        scale: ``[T]`` the loss scales ``e^{s}`` used in this step (ones for 'gradient').
-        scale_grad: ``[T]`` ``e^{s} ℓ − 1``, the gradient of the scaled losses in ``s``
-            (zeros for 'gradient').
-        grad_norm: ``[T]`` norms of the task gradients that ``α`` was computed from
-            (NaN for 'loss', which computes no per-task gradient).
-        cosine: ``[T, T]`` their cosine similarities (NaN for 'loss').
-        projection: ``[]`` the common projection ``c`` of the combined gradient on every unit task
-            gradient (NaN for 'loss').
-        degenerate: ``[]`` bool; True when IMTL-G found no nonzero equal-projection direction and
-            set the shared update to zero.
-        finite: ``[]`` bool; False when a loss or gradient was not finite. Then the returned
-            gradients are zero and the state is unchanged: skip the optimizer step.
+        alpha: ``[T]`` the weighting's weights on the (scaled) task gradients (IMTL-G:
+            ``Σα = 1``; equal weighting: ones).
+        scale: ``[T]`` the loss scales ``e^{s}`` used in this step (ones without a scale rule).
+        scale_grad: ``[T]`` ``e^{s} ℓ − 1``, the gradient of the scaled losses in ``s`` (zeros
+            without a scale rule and for held tasks).
+        grad_norm: ``[T]`` norms of the (scaled) task gradients ``α`` was computed from (NaN when
+            the weighting needs no Gramian).
+        cosine: ``[T, T]`` their cosine similarities (NaN when no Gramian).
+        stats: the weighting's statistics (IMTL-G: :class:`IMTLGStats`, with the common
+            projection ``c`` and the degenerate flag).
+        held: ``[T]`` bool; tasks whose scale was held this step because their loss was not
+            positive and finite (IMTL-L needs ``ℓ > 0``: offset such a loss to keep it positive).
+        finite: ``[]`` bool; False when the gate tripped: gradients are zero and the state is
+            unchanged. Skip the optimizer step (:func:`imtl_func.apply_updates` does).
+        nonfinite: :class:`NonFinite`, what was not finite and for which tasks.
     """
 
     alpha: Tensor
@@ -73,75 +97,104 @@ class Info(NamedTuple):
     scale_grad: Tensor
     grad_norm: Tensor
     cosine: Tensor
-    projection: Tensor
-    degenerate: Tensor
+    stats: Any
+    held: Tensor
     finite: Tensor
+    nonfinite: NonFinite
+
+
+class Proposal(NamedTuple):
+    """What ``propose`` returns and the gate judges (internal to the pipeline).
+
+    Attributes:
+        weights: :class:`TaskWeights`.
+        state: the proposed new :class:`IMTLState`.
+        info: :class:`Info` with ``finite``/``nonfinite`` not yet filled in by the gate.
+        losses: ``[T]`` (or ``[T + 1]`` with an extra loss) the losses the step saw.
+        gramian: the ``[T, T]`` Gramian the weighting read, or None.
+    """
+
+    weights: TaskWeights
+    state: IMTLState
+    info: Info
+    losses: Tensor
+    gramian: Tensor | None
 
 
 class Transform(NamedTuple):
-    """An IMTL method as an ``(init, update)`` pair.
+    """A weighting and a scale rule as an ``(init, update)`` pair.
 
     Attributes:
-        method: ``'loss'``, ``'gradient'`` or ``'hybrid'``.
-        init: ``init(num_tasks, *, log_scale=None, dtype=torch.float32, device=None) -> IMTLState``.
-        update: ``update(losses [T], gramian [T, T] | None, state) -> (Weights, IMTLState, Info)``.
-            ``gramian`` holds ``<∇ℓ_i, ∇ℓ_j>`` of the raw losses; 'loss' ignores it (pass None).
+        init: ``init(num_tasks, *, log_scale=None, dtype=torch.float32, device=None)`` ->
+            :class:`IMTLState`.
+        propose: ``propose(losses [T], gramian [T, T] | None, state, *, prescaled=False)`` ->
+            :class:`Proposal`, not gated. ``prescaled``: the Gramian's rows already carry the
+            loss scales (``g_t = e^{s_t} ∇ℓ_t``).
+        weighting: the :class:`~imtl_func.Weighting`.
+        scale_rule: the :class:`~imtl_func.ScaleRule`, or None for no loss scales.
     """
 
-    method: str
     init: Callable[..., IMTLState]
-    update: Callable[[Tensor, Tensor | None, IMTLState], tuple[Weights, IMTLState, Info]]
+    propose: Callable[..., Proposal]
+    weighting: Weighting
+    scale_rule: ScaleRule | None
 
     @property
     def needs_gramian(self) -> bool:
         """Whether ``update`` needs the Gramian of the task gradients."""
-        return self.method != "loss"
+        return self.weighting.needs_gramian
 
     @property
     def learns_scales(self) -> bool:
-        """Whether the method has IMTL-L scales."""
-        return self.method != "gradient"
+        """Whether the transform has IMTL-L loss scales."""
+        return self.scale_rule is not None
 
-    def task_weights(self, state: IMTLState) -> Tensor:
-        """``Weights.task`` of the next update, known before it: ``e^{s}`` (ones for
-        'gradient'), ``[T]``."""
-        return _loss_scales(self.learns_scales, state.log_scale)
+    def loss_scales(self, state: IMTLState, dtype: torch.dtype) -> Tensor:
+        """``e^{s}`` of the next update (ones without scales), ``[T]``, known before it."""
+        s = state.log_scale
+        return loss_scales(s, dtype) if self.learns_scales else torch.ones_like(s.detach())
+
+    def update(self, losses: Tensor, gramian: Tensor | None, state: IMTLState
+               ) -> tuple[TaskWeights, IMTLState, Info]:
+        """``update(losses [T], gramian [T, T] | None, state) -> (TaskWeights, state, Info)``.
+
+        ``gramian`` holds ``<∇ℓ_i, ∇ℓ_j>`` of the raw losses (None when not needed). Gated: if
+        anything is not finite the state is returned unchanged and ``info.finite`` is False.
+        """
+        from imtl_func._gate import gate
+
+        proposal = self.propose(losses, gramian, state)
+        _, new_state, info = gate(proposal, state)
+        return proposal.weights, new_state, info
 
 
-def _loss_scales(learns: bool, log_scale: Tensor) -> Tensor:
-    """``e^{s}`` for the methods with IMTL-L scales, ones for 'gradient' (detached)."""
-    s = log_scale.detach()
-    return torch.exp(s) if learns else torch.ones_like(s)
-
-
-def transform(
-    method: str = "hybrid",
-    *,
-    scale_rule: ScaleRule | None = None,
-    flip_negative: bool = False,
-) -> Transform:
-    """Build the IMTL transform for ``method``.
+def transform(weighting: Weighting, scale_rule: ScaleRule | None = None) -> Transform:
+    """Build a transform from a weighting and a scale rule.
 
     Args:
-        method: ``'loss'`` (IMTL-L), ``'gradient'`` (IMTL-G) or ``'hybrid'`` (IMTL, the paper's
-            Algorithm 1).
-        scale_rule: how the log-scales move; default :func:`imtl_func.scale_newton`.
-        flip_negative: when the common projection ``c`` is negative, negate ``α`` so that a step
-            along ``−g`` lowers every task's loss to first order. Off by default (the paper's
-            behaviour): ``α`` is returned as computed and ``c`` is reported in ``Info``.
+        weighting: how the task gradients are combined, e.g. :func:`imtl_func.imtl_g` (IMTL-G)
+            or :func:`imtl_func.equal`.
+        scale_rule: how IMTL-L's log-scales move (e.g. :func:`imtl_func.scale_newton`); None for
+            no loss scales (``e^{s} = 1``).
 
     Returns:
-        A :class:`Transform`. Its ``update`` is pure and traceable by ``torch.compile``.
+        A :class:`Transform`; ``'loss'``, ``'gradient'`` and ``'hybrid'`` are
+        :func:`imtl_func.preset` s built with this.
     """
-    method = _checks.method(method)
-    rule = scale_newton() if scale_rule is None else scale_rule
-    if not isinstance(rule, ScaleRule):
-        raise TypeError(f"scale_rule must be a ScaleRule (e.g. imtl_func.scale_newton()), "
-                        f"got {type(rule).__name__}")
-    uses_gramian = method != "loss"
-    learns = method != "gradient"
+    if isinstance(weighting, str):
+        raise TypeError(f"transform() builds a transform from parts; for the method "
+                        f"{weighting!r} use imtl_func.preset({weighting!r})")
+    if not isinstance(weighting, Weighting):
+        raise TypeError("weighting must be a Weighting (e.g. imtl_func.imtl_g()), got "
+                        f"{type(weighting).__name__}")
+    if scale_rule is not None and not isinstance(scale_rule, ScaleRule):
+        raise TypeError("scale_rule must be a ScaleRule (e.g. imtl_func.scale_newton()) or None, "
+                        f"got {type(scale_rule).__name__}")
+    rule = scale_rule
+    learns = rule is not None
+    spec = _state_spec(weighting, rule)
 
-    def init_fn(
+    def init(
         num_tasks: int,
         *,
         log_scale: Sequence[float] | Tensor | None = None,
@@ -149,98 +202,68 @@ def transform(
         device: torch.device | str | None = None,
     ) -> IMTLState:
         num_tasks = _checks.num_tasks(num_tasks)
+        dtype = _checks.state_dtype(dtype)
         if log_scale is None:
             s = torch.zeros(num_tasks, dtype=dtype, device=device)
         else:
-            s = torch.as_tensor(log_scale, dtype=dtype, device=device).detach().clone()
-            if s.shape != (num_tasks,):
-                raise ValueError(f"log_scale must have {num_tasks} entries (one per task), "
-                                 f"got shape {tuple(s.shape)}")
-            if not torch.isfinite(s).all():
-                raise ValueError("log_scale must be finite")
-            if not learns and bool((s != 0).any()):
-                raise ValueError("method='gradient' has no loss scales: log_scale must be None")
-        return IMTLState(s, rule.init(s))
+            if not learns:
+                raise ValueError("this transform has no loss scales (scale_rule=None): "
+                                 "log_scale must be None")
+            s = _checks.initial_log_scale(log_scale, num_tasks, dtype, device)
+        rule_state = rule.init(s) if rule is not None else ()
+        return IMTLState(s, rule_state, weighting.init(num_tasks, s.device))
 
-    def update(
-        losses: Tensor, gramian: Tensor | None, state: IMTLState
-    ) -> tuple[Weights, IMTLState, Info]:
-        _checks.losses(losses, state.log_scale.shape[0], f"IMTL({method!r}).update")
-        if losses.device != state.log_scale.device:
-            raise ValueError(f"the losses are on {losses.device} but the IMTL state on "
-                             f"{state.log_scale.device}; create the state with "
-                             f"imtl_func.init(..., device={str(losses.device)!r})")
+    def propose(losses: Tensor, gramian: Tensor | None, state: IMTLState, *,
+                prescaled: bool = False) -> Proposal:
+        _checks.state(state, spec)
+        num_tasks = state.log_scale.shape[0]
+        _checks.losses(losses, num_tasks, "IMTL update")
+        _checks.same_device(losses, state.log_scale)
         losses = losses.detach()
-        num_tasks = losses.shape[0]
         s = state.log_scale
-        finite = torch.isfinite(losses).all()
-        scale = _loss_scales(learns, s)
-        if learns:
-            sgrad = torch.where(torch.isfinite(losses), scale * losses.to(s.dtype) - 1, 0.0)
+        scale = loss_scales(s, losses.dtype) if learns else torch.ones_like(s)
+        ok = torch.isfinite(losses) & (losses > 0)
+        if rule is not None:
+            held = ~ok
+            sgrad = torch.where(held, 0.0, scale * losses.to(s.dtype) - 1)
             delta, rule_state = rule.update(sgrad, state.rule_state)
-            new_state = IMTLState(s + delta, rule_state)
+            bound = log_scale_bound(losses.dtype)
+            new_s = torch.where(held, s, (s + delta).clamp(-bound, bound))
         else:
-            sgrad = torch.zeros_like(s)
-            new_state = state
+            held = torch.zeros_like(ok)
+            sgrad, new_s, rule_state = torch.zeros_like(s), s, state.rule_state
 
-        if uses_gramian:
-            if gramian is None:
-                raise ValueError(f"method={method!r} needs the Gramian of the task gradients")
-            _checks.square_matrix(gramian, "gramian")
-            if gramian.shape[0] != num_tasks:
-                raise ValueError(f"gramian is {tuple(gramian.shape)} but there are {num_tasks} "
-                                 "task losses")
-            k = gramian.detach().to(torch.float64)
-            finite = finite & torch.isfinite(k).all()
-            eye = torch.eye(num_tasks, dtype=k.dtype, device=k.device)
-            scale64 = scale.detach().to(k.dtype)
-            k = torch.where(finite, k, eye) * scale64[:, None] * scale64[None, :]
-            g = imtl_g_weights(k, rtol=default_rtol(gramian.dtype, num_tasks))
-            alpha, projection = g.alpha, g.projection
-            if flip_negative:
-                sign = torch.where(projection < 0, -1.0, 1.0).to(alpha.dtype)
-                alpha, projection = alpha * sign, projection * sign
-            shared = alpha * scale64  # float64 weights for the contraction
-            # Logged values in the state's dtype, like `scale` and `scale_grad`.
-            alpha = alpha.to(s.dtype)
-            info_g = (g.norm.to(s.dtype), g.cosine.to(s.dtype), projection.to(s.dtype),
-                      g.degenerate)
+        scale64 = scale.to(torch.float64)
+        k = None
+        if weighting.needs_gramian:
+            k = _checks.gramian_for(gramian, num_tasks, losses.device)
+            if learns and not prescaled:
+                k = (k.to(torch.float64) * scale64[:, None] * scale64[None, :]).to(k.dtype)
+            # The weighting always runs (the gate decides afterwards); a non-finite Gramian
+            # reaches it as the identity so that no solver sees NaN.
+            k_safe = torch.where(torch.isfinite(k).all(), k, torch.eye(num_tasks, dtype=k.dtype,
+                                                                      device=k.device))
+            alpha, stats, w_state = weighting.update(k_safe, losses, state.weighting_state)
+            norm, cosine = norms_and_cosines(k_safe.to(torch.float64))
+            norm, cosine = norm.to(s.dtype), cosine.to(s.dtype)
         else:
-            alpha = torch.ones_like(scale)
-            shared = scale
+            alpha, stats, w_state = weighting.update(None, losses, state.weighting_state)
             nan = torch.full((), float("nan"), dtype=s.dtype, device=s.device)
-            info_g = (nan.expand(num_tasks), nan.expand(num_tasks, num_tasks), nan,
-                      torch.zeros((), dtype=torch.bool, device=s.device))
+            norm, cosine = nan.expand(num_tasks), nan.expand(num_tasks, num_tasks)
+        alpha = alpha.to(torch.float64)
+        shared = alpha if (prescaled or not learns) else alpha * scale64
+        no = torch.zeros((), dtype=torch.bool, device=s.device)
+        info = Info(alpha.to(s.dtype), scale, sgrad, norm, cosine, stats, held, no,
+                    NonFinite(held & no, held & no, held & no, no, no))
+        return Proposal(TaskWeights(shared, scale), IMTLState(new_s, rule_state, w_state), info,
+                        losses, k)
 
-        new_state = where(finite, new_state, state)
-        info = Info(alpha, scale, sgrad, *info_g, finite)
-        return Weights(shared, scale), new_state, info
-
-    return Transform(method, init_fn, update)
+    return Transform(init, propose, weighting, rule)
 
 
-def init(
-    num_tasks: int,
-    method: str = "hybrid",
-    *,
-    scale_rule: ScaleRule | None = None,
-    log_scale: Sequence[float] | Tensor | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> IMTLState:
-    """Initial :class:`IMTLState` for ``num_tasks`` tasks: ``transform(method, ...).init(...)``.
-
-    Args:
-        num_tasks: number of tasks T.
-        method: ``'loss'``, ``'gradient'`` or ``'hybrid'``.
-        scale_rule: the same rule as passed to the step (its state is created here).
-        log_scale: initial ``s``, T numbers (the original module's ``init_loss``); default
-            zeros, as in the paper. Must be None for 'gradient'.
-        dtype: dtype of the state tensors.
-        device: device of the state tensors.
-
-    Returns:
-        :class:`IMTLState` with ``log_scale`` ``[T]`` and the rule's initial state.
-    """
-    tx = transform(method, scale_rule=scale_rule)
-    return tx.init(num_tasks, log_scale=log_scale, dtype=dtype, device=device)
+def _state_spec(weighting: Weighting, rule: ScaleRule | None) -> _checks.StateSpec:
+    """The types a state of this transform holds, read from one tiny ``init``."""
+    s = torch.zeros(1)
+    rule_state = rule.init(s) if rule is not None else ()
+    return _checks.StateSpec(type(rule_state), type(weighting.init(1, s.device)),
+                             "a scale rule" if rule is not None else "no scale rule")

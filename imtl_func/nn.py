@@ -24,16 +24,19 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import optree
 import torch
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
 from imtl_func import _checks
-from imtl_func._gramian import gramian
-from imtl_func._scales import EmptyState, scale_frozen
-from imtl_func._transform import IMTLState, Info, transform
+from imtl_func._gate import gate
+from imtl_func._pipeline import rows_gramian, weigh
+from imtl_func._presets import preset
+from imtl_func._reduce import Reduce
+from imtl_func._scales import scale_frozen, scale_losses
+from imtl_func._transform import IMTLState, Info, Transform, transform
 from imtl_func._tree import contract
-from imtl_func.distributed import Reduce, replicated
 
 __all__ = ["IMTL", "IMTLOutput"]
 
@@ -157,7 +160,11 @@ class IMTL(nn.Module):
 
     Args:
         method: ``'hybrid'`` (IMTL, the paper's Algorithm 1; default), ``'gradient'`` (IMTL-G, no
-            parameters) or ``'loss'`` (IMTL-L).
+            parameters), ``'loss'`` (IMTL-L) or ``'equal'``: the log-scales, if any, are an
+            ``nn.Parameter`` your optimizer trains. Or a :class:`imtl_func.Transform` (a
+            weighting and a scale rule): its weighting combines the gradients and the module
+            moves the log-scales itself with its scale rule (they are then a buffer, with the
+            rule's state; ``num_losses`` or ``init_loss`` is required).
         num_losses: number of tasks T. ``None``: taken from ``init_loss`` or, if that is None
             too, from the first call (the log-scale parameter exists from construction, so an
             optimizer can be built before the first call).
@@ -171,7 +178,8 @@ class IMTL(nn.Module):
             ``DistributedDataParallel`` (one backward through it per call).
 
     Attributes:
-        log_scale: ``[T]`` ``nn.Parameter`` of log-scales ``s`` (``None`` for 'gradient').
+        log_scale: ``[T]`` log-scales ``s``: an ``nn.Parameter`` with a method name, a buffer
+            with a Transform, ``None`` without loss scales.
         info: the core's :class:`imtl_func.Info` of the last call, over its active tasks
             (``None`` before the first call and when every loss was skipped).
         active: per task, whether the last call used it (``requires_grad`` True).
@@ -181,7 +189,7 @@ class IMTL(nn.Module):
 
     def __init__(
         self,
-        method: str = "hybrid",
+        method: str | Transform = "hybrid",
         num_losses: int | None = None,
         init_loss: Sequence[float] | Tensor | None = None,
         *,
@@ -189,17 +197,23 @@ class IMTL(nn.Module):
         reduce: Reduce | None = None,
     ) -> None:
         super().__init__()
-        self.method = _checks.method(method)
         self.retain_graph = bool(retain_graph)
-        self._tx = transform(self.method, scale_rule=scale_frozen())
         self._reduce = reduce
-        if reduce is not None:
-            self._tx = replicated(self._tx, reduce)
+        self._owns_rule = isinstance(method, Transform)
+        if isinstance(method, Transform):
+            self.method = "transform"
+            self._tx = method
+        else:
+            named = preset(method)
+            self.method = method
+            # The optimizer trains the scales: the transform only reads them.
+            self._tx = transform(named.weighting, scale_frozen() if named.learns_scales else None)
         if num_losses is not None:
             _checks.num_tasks(num_losses)
         if init_loss is not None:
-            if self.method == "gradient":
-                raise ValueError("method='gradient' has no loss scales: init_loss must be None")
+            if not self._tx.learns_scales:
+                raise ValueError(f"method={self.method!r} has no loss scales: init_loss must be "
+                                 "None")
             size = len(init_loss)
             if num_losses is not None and size != num_losses:
                 raise ValueError(f"init_loss has {size} entries but num_losses={num_losses}")
@@ -207,12 +221,24 @@ class IMTL(nn.Module):
         self._num_losses = num_losses
         self.info: Info | None = None
         self.active: tuple[bool, ...] = ()
+        self._state_spec: Any = None
+        dtype = torch.get_default_dtype()
         if not self._tx.learns_scales:
             self.register_parameter("log_scale", None)
+        elif self._owns_rule:
+            if num_losses is None:
+                raise ValueError("IMTL with a Transform needs num_losses (or init_loss): the "
+                                 "scale rule's state is created with the module")
+            state = self._tx.init(num_losses, log_scale=init_loss, dtype=dtype)
+            self.register_buffer("log_scale", state.log_scale)
+            parts, self._state_spec = optree.tree_flatten(
+                (state.rule_state, state.weighting_state), none_is_leaf=False)
+            for i, x in enumerate(parts):
+                self.register_buffer(f"_state_{i}", x)
         elif num_losses is None:
-            self.log_scale = UninitializedParameter(dtype=torch.get_default_dtype())
+            self.log_scale = UninitializedParameter(dtype=dtype)
         else:
-            state = self._tx.init(num_losses, log_scale=init_loss, dtype=torch.get_default_dtype())
+            state = self._tx.init(num_losses, log_scale=init_loss, dtype=dtype)
             self.log_scale = nn.Parameter(state.log_scale)
 
     # ------------------------------------------------------------------ size and state_dict
@@ -243,7 +269,8 @@ class IMTL(nn.Module):
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
                             keep_vars: bool) -> None:
         if isinstance(self.log_scale, UninitializedParameter):
-            destination[prefix + "log_scale"] = self.log_scale  # unsized: saved as is
+            # Unsized: an empty tensor, which torch.load(weights_only=True) can read.
+            destination[prefix + "log_scale"] = torch.empty(0, dtype=self.log_scale.dtype)
             return
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
@@ -252,7 +279,7 @@ class IMTL(nn.Module):
         key = prefix + "log_scale"
         incoming = state_dict.get(key)
         if isinstance(incoming, Tensor) and self.log_scale is not None:
-            lazy_in = isinstance(incoming, UninitializedParameter)
+            lazy_in = isinstance(incoming, UninitializedParameter) or incoming.shape == (0,)
             lazy_here = isinstance(self.log_scale, UninitializedParameter)
             if lazy_in and lazy_here:
                 return
@@ -312,47 +339,53 @@ class IMTL(nn.Module):
         active = [bool(x.requires_grad) for x in items]
         self.active = tuple(active)
         values = torch.stack([x.detach().reshape(()) for x in items])
-
-        s_all = self._log_scale_values(values)
-        if s_all.device != values.device:
-            raise ValueError(f"the losses are on {values.device} but the IMTL scales on "
-                             f"{s_all.device}: move the module with imtl.to(device)")
-        scaled = values.to(s_all.dtype) * torch.exp(s_all) - s_all
+        state = self._state(values)
+        _checks.same_device(values, state.log_scale)
+        scaled = scale_losses(values.to(state.log_scale.dtype),
+                              state.log_scale if self._tx.learns_scales else
+                              torch.zeros_like(state.log_scale))
         if not any(active):
             self.info = None
             return IMTLOutput(values.new_zeros(()).to(scaled.dtype), scaled)
 
-        idx = torch.tensor([i for i, a in enumerate(active) if a], device=s_all.device)
+        idx = torch.tensor([i for i, a in enumerate(active) if a], device=values.device)
         vector = torch.stack([x.reshape(()) for x, a in zip(items, active, strict=True) if a])
         _check_reached(vector, targets, what)
-        rows = None
-        k = None
+        num_tasks = vector.shape[0]
+        sub = _take(state, idx, len(items))
+        rows, k = None, None
         if self._tx.needs_gramian:
-            eye = torch.eye(vector.shape[0], dtype=vector.dtype, device=vector.device)
+            eye = torch.eye(num_tasks, dtype=vector.dtype, device=vector.device)
             rows = torch.autograd.grad(vector, targets, grad_outputs=eye, retain_graph=True,
                                        is_grads_batched=True, allow_unused=True,
                                        materialize_grads=True)
-            k = gramian(rows)
-        state = IMTLState(s_all[idx], EmptyState())
-        weights, _, info = self._tx.update(vector.detach(), k, state)
+            k = rows_gramian(rows, num_tasks)
+        proposal, _ = weigh(self._tx, sub, vector.detach(), num_tasks, k, self._reduce)
+        shared = None if rows is None else contract(proposal.weights.shared, rows)
+        shared, new_sub, info = gate(proposal, sub, shared)
         self.info = info
         grad_loss = (info.alpha.to(scaled.dtype) * scaled[idx]).sum()
         out = IMTLOutput(grad_loss, scaled)
         if not bool(info.finite):
-            warnings.warn("IMTL: a loss or a task gradient is not finite; no .grad was written. "
-                          "Skip optimizer.step() for this batch.", RuntimeWarning, stacklevel=3)
+            warnings.warn("IMTL: a loss, a loss scale or a task gradient is not finite; no .grad "
+                          "was written and the scales did not move. Skip optimizer.step() for "
+                          "this batch.", RuntimeWarning, stacklevel=3)
             return out
+        if self._owns_rule:
+            self._store(_put(state, new_sub, idx, len(items)))
 
         roots = [vector]
-        cotangents = [weights.task.to(device=vector.device, dtype=vector.dtype)]
-        if self.log_scale is not None and self.log_scale.requires_grad:
+        cotangents = [proposal.weights.task.to(device=vector.device, dtype=vector.dtype)]
+        if (self.log_scale is not None and self.log_scale.requires_grad
+                and not self._owns_rule):
             roots.append(self.log_scale)
-            cotangents.append(torch.zeros_like(s_all).index_copy(0, idx, info.scale_grad))
+            cotangents.append(torch.zeros_like(state.log_scale).index_copy(0, idx,
+                                                                          info.scale_grad))
         hooks = []
-        if rows is not None:
+        if shared is not None:
             # The shared tensors receive exactly Σ_t w_shared[t] ∇ℓ_t: a hook replaces whatever
             # reaches them through the heads (Σ_t w_task[t] ∇ℓ_t) by the IMTL combination.
-            for target, grad in zip(targets, contract(weights.shared, rows), strict=True):
+            for target, grad in zip(targets, shared, strict=True):
                 hooks.append(target.register_hook(lambda _, grad=grad: grad))
         try:
             torch.autograd.backward(roots, cotangents, retain_graph=self.retain_graph)
@@ -361,11 +394,38 @@ class IMTL(nn.Module):
                 hook.remove()
         return out
 
-    def _log_scale_values(self, like: Tensor) -> Tensor:
-        """Detached ``[T]`` log-scales (zeros for 'gradient') on the scales' device."""
-        if self.log_scale is None:
-            return torch.zeros_like(like)
-        return self.log_scale.detach()
+    def _state(self, like: Tensor) -> IMTLState:
+        """The whole [T] state: the log-scales (zeros without scales) and, with a Transform,
+        the rule's and the weighting's state from the buffers."""
+        s = (torch.zeros(self._num_losses or like.shape[0], dtype=torch.get_default_dtype(),
+                         device=like.device)
+             if self.log_scale is None else self.log_scale.detach())
+        if self._owns_rule:
+            parts = [getattr(self, f"_state_{i}") for i in range(self._state_spec.num_leaves)]
+            rule_state, w_state = self._state_spec.unflatten(parts)
+            return IMTLState(s, rule_state, w_state)
+        fresh = self._tx.init(s.shape[0], dtype=s.dtype, device=s.device)
+        return fresh._replace(log_scale=s)
+
+    @torch.no_grad()
+    def _store(self, state: IMTLState) -> None:
+        self.log_scale.copy_(state.log_scale)
+        parts = optree.tree_leaves((state.rule_state, state.weighting_state), none_is_leaf=False)
+        for i, x in enumerate(parts):
+            getattr(self, f"_state_{i}").copy_(x)
+
+
+def _take(tree: Any, idx: Tensor, size: int) -> Any:
+    """The active tasks' part of every ``[T, ...]`` leaf; other leaves (step counts) as they are."""
+    return optree.tree_map(lambda x: x[idx] if x.dim() > 0 and x.shape[0] == size else x, tree,
+                           none_is_leaf=False)
+
+
+def _put(full: Any, part: Any, idx: Tensor, size: int) -> Any:
+    """``full`` with the active tasks' rows replaced by ``part`` (inverse of :func:`_take`)."""
+    return optree.tree_map(
+        lambda f, p: f.index_copy(0, idx, p) if f.dim() > 0 and f.shape[0] == size else p,
+        full, part, none_is_leaf=False)
 
 
 def _loss_items(losses: Sequence[Tensor] | Tensor) -> list[Tensor]:

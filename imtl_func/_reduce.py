@@ -1,0 +1,87 @@
+"""Sums over data-parallel replicas for the pipeline (internal; see :mod:`imtl_func.distributed`).
+
+A ``reduce`` returns the element-wise sum of a 1-D tensor over the replicas. Non-finite values
+survive a sum (NaN or ±inf on one replica makes the sum non-finite), so the gate, which reads the
+reduced values, reaches the same verdict on every replica without a flag of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import optree
+import torch
+from torch import Tensor
+
+from imtl_func._tree import PyTree, leaves
+
+#: ``reduce(x) -> Σ_replicas x`` for a 1-D tensor ``x``, the same result on every replica.
+Reduce = Callable[[Tensor], Tensor]
+
+
+def _sum_packed(reduce: Reduce, tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """Every tensor summed over the replicas with ONE call of ``reduce`` on a flat buffer."""
+    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+    total = reduce(flat)
+    if not isinstance(total, Tensor) or total.shape != flat.shape:
+        got = tuple(total.shape) if isinstance(total, Tensor) else type(total).__name__
+        raise ValueError(f"reduce must return a tensor of the shape it was given "
+                         f"{tuple(flat.shape)} (the sum over replicas), got {got}")
+    parts = torch.split(total, [t.numel() for t in tensors])
+    return [p.reshape(t.shape) for p, t in zip(parts, tensors, strict=True)]
+
+
+def statistics(reduce: Reduce | None, vector: Tensor, gramian: Tensor | None
+               ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Global losses and feature-level Gramian from the local ones, in one float64 reduction.
+
+    The feature slices of the replicas are disjoint, so the Gramian of the global batch's task
+    gradients (each a mean over R equal slices) is ``Σ_r K_r / R²``; the losses are the mean.
+
+    Returns:
+        ``(losses, gramian, count)``; ``count`` is R (float64 ``[]``), None without ``reduce``.
+    """
+    if reduce is None:
+        return vector, gramian, None
+    one = torch.ones(1, dtype=torch.float64, device=vector.device)
+    parts = [vector, one] if gramian is None else [vector, one, gramian]
+    summed = _sum_packed(reduce, parts, torch.float64)
+    count = summed[1][0]
+    losses = (summed[0] / count).to(vector.dtype)
+    k = None if gramian is None else (summed[2] / (count * count)).to(gramian.dtype)
+    return losses, k, count
+
+
+def rows(reduce: Reduce | None, vector: Tensor, jac: PyTree
+         ) -> tuple[Tensor, PyTree, Tensor | None]:
+    """Global losses and task Jacobian rows (parameter level): means over the replicas, one
+    reduction in the widest of float32 and the inputs' dtypes. Returns ``(losses, rows, count)``.
+    """
+    if reduce is None:
+        return vector, jac, None
+    xs = [vector, *leaves(jac)]
+    dtype = torch.float32
+    for x in xs:
+        dtype = torch.promote_types(dtype, x.dtype)
+    one = torch.ones(1, dtype=dtype, device=vector.device)
+    summed = _sum_packed(reduce, [*xs, one], dtype)
+    count = summed[-1][0]
+    mean = [(s / count).to(x.dtype) for s, x in zip(summed[:-1], xs, strict=True)]
+    return mean[0], _unflatten(jac, mean[1:]), count
+
+
+def mean(reduce: Reduce | None, count: Tensor | None, tree: PyTree) -> PyTree:
+    """Mean over the replicas of every leaf of ``tree`` (gradients), in one reduction."""
+    if reduce is None or count is None:
+        return tree
+    xs = leaves(tree)
+    dtype = xs[0].dtype
+    for x in xs[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    summed = _sum_packed(reduce, xs, dtype)
+    return _unflatten(tree, [(s / count.to(dtype)).to(x.dtype)
+                             for s, x in zip(summed, xs, strict=True)])
+
+
+def _unflatten(like: PyTree, values: list[Tensor]) -> PyTree:
+    return optree.tree_structure(like, none_is_leaf=False).unflatten(values)
