@@ -250,9 +250,9 @@ def _ours(work: Workload, method: str, level: str, compiled: bool) -> Row:
         fn = imtl.mtl_value_and_grad(encode, per_task_losses(name, y, scales), method)
     else:
         fn = imtl.value_and_grad(loss_fn, method)
+    holder: dict[str, Any] = {"state": fn.init(work.num_tasks, device=work.x.device)}
     if compiled:
         fn = torch.compile(fn, fullgraph=True, dynamic=False)
-    holder: dict[str, Any] = {"state": imtl.init(work.num_tasks, method, device=work.x.device)}
 
     def step() -> None:
         out = fn(m.shared, m.task, holder["state"], work.x)

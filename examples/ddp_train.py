@@ -159,7 +159,7 @@ def train_functional(model: Model, args, reduce, my_batch, rank: int, device) ->
     shared = dict(model.encoder.named_parameters())
     task = dict(model.heads.named_parameters())
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    state = imtl.init(NUM_TASKS, args.method, device=device)
+    state = imtl.preset(args.method).init(NUM_TASKS, device=device)
     step = build_step(model, args.method, reduce)
     for i in range(args.steps):
         out = step(shared, task, state, *my_batch())

@@ -206,10 +206,10 @@ def transform(weighting: Weighting, scale_rule: ScaleRule | None = None) -> Tran
         if log_scale is None:
             s = torch.zeros(num_tasks, dtype=dtype, device=device)
         else:
-            if not learns:
+            s = _checks.initial_log_scale(log_scale, num_tasks, dtype, device)
+            if not learns and bool((s != 0).any()):
                 raise ValueError("this transform has no loss scales (scale_rule=None): "
                                  "log_scale must be None")
-            s = _checks.initial_log_scale(log_scale, num_tasks, dtype, device)
         rule_state = rule.init(s) if rule is not None else ()
         return IMTLState(s, rule_state, weighting.init(num_tasks, s.device))
 

@@ -282,10 +282,8 @@ class History:
 
 
 def make_transform(method: str) -> imtl.Transform:
-    """The library transform for a demo method ("ew": 'loss' with frozen scales e^s = 1)."""
-    if method == "ew":
-        return imtl.transform("loss", scale_rule=imtl.scale_frozen())
-    return imtl.transform(method)
+    """The library transform for a demo method ("ew": the 'equal' preset)."""
+    return imtl.preset("equal" if method == "ew" else method)
 
 
 def make_step(method: str, encoder: nn.Module, heads: Heads, compile: bool = False

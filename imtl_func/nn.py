@@ -34,7 +34,7 @@ from imtl_func._gate import gate
 from imtl_func._pipeline import rows_gramian, weigh
 from imtl_func._presets import preset
 from imtl_func._reduce import Reduce
-from imtl_func._scales import scale_frozen, scale_losses
+from imtl_func._scales import log_scale_bound, scale_frozen, scale_losses
 from imtl_func._transform import IMTLState, Info, Transform, transform
 from imtl_func._tree import contract
 
@@ -341,9 +341,10 @@ class IMTL(nn.Module):
         values = torch.stack([x.detach().reshape(()) for x in items])
         state = self._state(values)
         _checks.same_device(values, state.log_scale)
+        # The scales the step uses: e^{s} with s within the bound for the losses' dtype.
+        bound = log_scale_bound(values.dtype)
         scaled = scale_losses(values.to(state.log_scale.dtype),
-                              state.log_scale if self._tx.learns_scales else
-                              torch.zeros_like(state.log_scale))
+                              state.log_scale.clamp(-bound, bound))
         if not any(active):
             self.info = None
             return IMTLOutput(values.new_zeros(()).to(scaled.dtype), scaled)
@@ -397,7 +398,7 @@ class IMTL(nn.Module):
     def _state(self, like: Tensor) -> IMTLState:
         """The whole [T] state: the log-scales (zeros without scales) and, with a Transform,
         the rule's and the weighting's state from the buffers."""
-        s = (torch.zeros(self._num_losses or like.shape[0], dtype=torch.get_default_dtype(),
+        s = (torch.zeros(like.shape[0], dtype=torch.promote_types(like.dtype, torch.float32),
                          device=like.device)
              if self.log_scale is None else self.log_scale.detach())
         if self._owns_rule:

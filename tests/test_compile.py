@@ -46,7 +46,7 @@ def test_compiled_step_matches_eager(level, method, backend):
     model, x, y = make_problem(num_tasks=3, dtype=torch.float32)
     shared, task, encode, decode, loss_fn = functional(model)
     log_scale = None if method == "gradient" else [0.2, -1.0, -3.0]
-    state = imtl.init(3, method, log_scale=log_scale)
+    state = imtl.preset(method).init(3, log_scale=log_scale)
     step = (imtl.mtl_value_and_grad(encode, decode, method) if level == "feature"
             else imtl.value_and_grad(loss_fn, method))
     compiled = torch.compile(step, fullgraph=True, backend=backend)
@@ -65,7 +65,7 @@ def test_compiled_step_skips_non_finite_like_eager():
     shared, task, encode, decode, _ = functional(model)
     y = y.clone()
     y[0, 0] = float("nan")
-    state = imtl.init(3, "hybrid")
+    state = imtl.preset("hybrid").init(3)
     step = imtl.mtl_value_and_grad(encode, decode, "hybrid")
     c = torch.compile(step, fullgraph=True, backend="aot_eager")(shared, task, state, x, y)
     assert not c.info.finite
@@ -73,7 +73,7 @@ def test_compiled_step_skips_non_finite_like_eager():
 
 
 def test_compiled_transform_update_matches_eager():
-    tx = imtl.transform("hybrid")
+    tx = imtl.preset("hybrid")
     state = tx.init(4)
     torch.manual_seed(0)
     g = torch.randn(4, 9)
@@ -88,7 +88,7 @@ def test_compiled_per_task_step_matches_eager():
 
     model, x, y = make_problem(num_tasks=3, dtype=torch.float32)
     shared, task, encode, _, _ = functional(model)
-    state = imtl.init(3, "hybrid", log_scale=[0.2, -1.0, -3.0])
+    state = imtl.preset("hybrid").init(3, log_scale=[0.2, -1.0, -3.0])
     step = imtl.mtl_value_and_grad(encode, _per_task_decoders(model), "hybrid")
     c = torch.compile(step, fullgraph=True, backend="aot_eager")(shared, task, state, x, y)
     assert_same(c, step(shared, task, state, x, y))

@@ -95,7 +95,7 @@ def train(level: str, method: str, reduce=None, rank: int | None = None, nan: bo
     losses there, but a NaN in the encoder's backward pass.
     """
     shared, task = init_params()
-    state = imtl.init(NUM_TASKS, method)
+    state = imtl.preset(method).init(NUM_TASKS)
     if nan_backward:
         step = imtl.mtl_value_and_grad(encode_gated, decode_gated, method, reduce=reduce)
     elif level == "feature":
@@ -318,7 +318,7 @@ def test_the_torchrun_example_runs_on_two_gloo_ranks(capfd, flags):
     out = capfd.readouterr().out
     assert "step    4" in out
     # 612 float32 parameters; T = 4: (16 + 4 + 2) float64 statistics
-    expected = "[176]" if flags else "[176, 2448]"
+    expected = "[168]" if flags else "[168, 2448]"
     assert f"all-reduce bytes per step {expected}; shared gradients 2176 B, all gradients 2448 B"\
         in out
     assert "largest difference between ranks 0.0e+00" in out
@@ -381,7 +381,7 @@ class CountingReduce:
 @pytest.mark.parametrize("method", METHODS)
 def test_identical_replicas_give_the_single_process_update(level, method):
     shared, task = init_params()
-    state = imtl.init(NUM_TASKS, method)
+    state = imtl.preset(method).init(NUM_TASKS)
     make = imtl.mtl_value_and_grad if level == "feature" else imtl.value_and_grad
     fn = (encode, decode) if level == "feature" else (loss_fn,)
     x, y = local_batch(0, 0)
@@ -412,7 +412,7 @@ def _payload(level: str, num_tasks: int) -> tuple[list[int], int, int]:
     else:
         step = imtl.value_and_grad(lambda sp, tp, x, y: dec(tp, encode(sp, x, y), x, y),
                                    "hybrid", reduce=counter)
-    out = step(shared, task, imtl.init(num_tasks), x, y)
+    out = step(shared, task, imtl.preset("hybrid").init(num_tasks), x, y)
     assert bool(out.info.finite)
     nbytes = [sum(v.numel() * v.element_size() for v in p.values()) for p in (shared, task)]
     return counter.calls, nbytes[0], nbytes[1]
@@ -420,20 +420,20 @@ def _payload(level: str, num_tasks: int) -> tuple[list[int], int, int]:
 
 def test_feature_level_payload_is_one_small_float64_vector_then_the_gradients():
     calls, shared_bytes, task_bytes = _payload("feature", 4)
-    assert calls == [(4 * 4 + 4 + 2) * 8, shared_bytes + task_bytes]
-    assert calls[0] == 176
+    assert calls == [(4 * 4 + 4 + 1) * 8, shared_bytes + task_bytes]
+    assert calls[0] == 168
 
 
 def test_parameter_level_payload_is_the_jacobian_then_the_task_gradients():
     calls, shared_bytes, task_bytes = _payload("parameter", 4)
-    assert calls == [4 * shared_bytes + (4 + 2) * 4, task_bytes]
+    assert calls == [4 * shared_bytes + (4 + 1) * 4, task_bytes]
 
 
 def test_reduce_must_return_the_shape_it_was_given():
     shared, task = init_params()
     step = imtl.mtl_value_and_grad(encode, decode, "hybrid", reduce=lambda x: x.sum())
     with pytest.raises(ValueError, match="sum over replicas"):
-        step(shared, task, imtl.init(NUM_TASKS), *local_batch(0, 0))
+        step(shared, task, imtl.preset("hybrid").init(NUM_TASKS), *local_batch(0, 0))
 
 
 def test_all_sum_needs_no_process_group_until_called():
@@ -447,7 +447,7 @@ def test_an_extra_loss_goes_through_the_reduction(level):
         return imtl.Losses(decode(p, z, x, y), 1e-2 * (z**2).mean())
 
     shared, task = init_params()
-    state = imtl.init(NUM_TASKS, "hybrid")
+    state = imtl.preset("hybrid").init(NUM_TASKS)
     x, y = local_batch(0, 0)
     if level == "feature":
         make = lambda **kw: imtl.mtl_value_and_grad(encode, dec, "hybrid", **kw)  # noqa: E731
@@ -459,6 +459,6 @@ def test_an_extra_loss_goes_through_the_reduction(level):
     got = make(reduce=counter)(shared, task, state, x, y)
     torch.testing.assert_close(got.info.alpha, ref.info.alpha, rtol=0, atol=1e-7)
     _assert_tree_close((got.grads, got.state), (ref.grads, ref.state), atol=1e-6)
-    stats = (NUM_TASKS**2 + NUM_TASKS + 1 + 2) * 8 if level == "feature" else None
+    stats = (NUM_TASKS**2 + NUM_TASKS + 1 + 1) * 8 if level == "feature" else None
     if stats is not None:
         assert counter.calls[0] == stats

@@ -24,13 +24,13 @@ X = torch.randn(5, 3)
 
 
 def run(decode=dec, shared=SHARED, task=TASK, state=None, method="hybrid", **kw):
-    state = imtl.init(2, method) if state is None else state
+    state = imtl.preset(method).init(2) if state is None else state
     return imtl.mtl_value_and_grad(enc, decode, method, **kw)(shared, task, state, X)
 
 
 def test_unknown_method():
-    with pytest.raises(ValueError, match=r"method must be one of \('loss', 'gradient', 'hybrid'\)"):
-        imtl.transform("imtl")
+    with pytest.raises(ValueError, match=r"method must be one of \('loss', 'gradient', 'hybrid', 'equal'\) or a Transform"):
+        imtl.preset("imtl")
     with pytest.raises(ValueError, match="method must be one of"):
         imtl.mtl_value_and_grad(enc, dec, "Hybrid")
     with pytest.raises(ValueError, match="method must be one of"):
@@ -40,7 +40,7 @@ def test_unknown_method():
 @pytest.mark.parametrize("value", [0, -1, 2.0, True, None])
 def test_bad_num_tasks(value):
     with pytest.raises(ValueError, match="num_tasks must be a positive int"):
-        imtl.init(value)
+        imtl.preset("hybrid").init(value)
 
 
 def test_losses_of_the_wrong_shape():
@@ -59,15 +59,15 @@ def test_losses_not_a_tensor():
 def test_integer_losses():
     with pytest.raises(TypeError, match=r"task losses must be floating point, got dtype "
                                         r"torch\.int64"):
-        imtl.transform("loss").update(torch.tensor([1, 2]), None, imtl.init(2, "loss"))
+        imtl.preset("loss").update(torch.tensor([1, 2]), None, imtl.preset("loss").init(2))
 
 
 def test_task_count_mismatch_with_state():
     with pytest.raises(ValueError, match="got 2 task losses but the IMTL state holds 3 tasks; "
                                          "create the state with num_tasks=2"):
-        run(state=imtl.init(3))
+        run(state=imtl.preset("hybrid").init(3))
     with pytest.raises(ValueError, match="got 2 task losses but the IMTL state holds 3"):
-        imtl.value_and_grad(lambda s, t, x: dec(t, enc(s, x), x))(SHARED, TASK, imtl.init(3), X)
+        imtl.value_and_grad(lambda s, t, x: dec(t, enc(s, x), x))(SHARED, TASK, imtl.preset("hybrid").init(3), X)
 
 
 def test_empty_parameter_trees():
@@ -79,12 +79,13 @@ def test_empty_parameter_trees():
 
 def test_integer_parameters():
     with pytest.raises(TypeError, match=r"shared_params holds a tensor of dtype torch.int64; only "
-                                        r"floating-point tensors can be differentiated"):
+                                        r"real floating-point tensors can be differentiated here"):
         run(shared={"w": torch.ones(3, 4, dtype=torch.int64)})
 
 
 def test_non_tensor_parameters():
-    with pytest.raises(TypeError, match="task_params must hold only tensors, found float"):
+    with pytest.raises(TypeError, match="task_params must hold only torch tensors, found float; "
+                                        "convert arrays"):
         run(task={"a": 1.0, "b": torch.ones(4)})
 
 
@@ -110,14 +111,14 @@ def test_bad_chunk_size():
 
 def test_transform_with_extra_options():
     with pytest.raises(ValueError, match="pass scale_rule and flip_negative to "
-                                         r"imtl_func.transform\(\)"):
-        imtl.mtl_value_and_grad(enc, dec, imtl.transform(), flip_negative=True)
+                                         r"imtl_func.preset\(\) or build the Transform"):
+        imtl.mtl_value_and_grad(enc, dec, imtl.preset(), flip_negative=True)
 
 
 def test_bad_scale_rule():
     with pytest.raises(TypeError, match=r"scale_rule must be a ScaleRule \(e.g. "
-                                        r"imtl_func.scale_newton\(\)\), got function"):
-        imtl.transform("loss", scale_rule=lambda g: g)
+                                        r"imtl_func.scale_newton\(\)\) or None, got function"):
+        imtl.preset("loss", scale_rule=lambda g: g)
 
 
 @pytest.mark.parametrize(("factory", "kwargs", "message"), [
@@ -135,18 +136,18 @@ def test_bad_scale_rule_hyperparameters(factory, kwargs, message):
 def test_bad_initial_log_scale():
     with pytest.raises(ValueError, match=r"log_scale must have 3 entries \(one per task\), got "
                                          r"shape \(2,\)"):
-        imtl.init(3, log_scale=[0.0, 1.0])
+        imtl.preset("hybrid").init(3, log_scale=[0.0, 1.0])
     with pytest.raises(ValueError, match="log_scale must be finite"):
-        imtl.init(2, log_scale=[0.0, float("inf")])
-    with pytest.raises(ValueError, match="method='gradient' has no loss scales"):
-        imtl.init(2, "gradient", log_scale=[1.0, 0.0])
+        imtl.preset("hybrid").init(2, log_scale=[0.0, float("inf")])
+    with pytest.raises(ValueError, match=r"this transform has no loss scales \(scale_rule=None\): log_scale must be None"):
+        imtl.preset("gradient").init(2, log_scale=[1.0, 0.0])
 
 
 def test_gramian_errors():
     with pytest.raises(ValueError, match=r"gramian must be a \[T, T\] tensor with T >= 1, got "
                                          r"\(2, 3\)"):
         imtl.imtl_g_weights(torch.ones(2, 3))
-    with pytest.raises(TypeError, match="gramian must be a floating-point tensor"):
+    with pytest.raises(TypeError, match="gramian must be a real floating-point tensor, got dtype torch.int64"):
         imtl.imtl_g_weights(torch.eye(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="every Jacobian leaf needs the same leading task axis"):
         imtl.gramian({"a": torch.ones(2, 3), "b": torch.ones(3, 3)})
@@ -155,8 +156,8 @@ def test_gramian_errors():
 
 
 def test_update_needs_a_gramian():
-    tx = imtl.transform("gradient")
-    with pytest.raises(ValueError, match="method='gradient' needs the Gramian"):
+    tx = imtl.preset("gradient")
+    with pytest.raises(ValueError, match="this transform's weighting needs the Gramian of the task gradients"):
         tx.update(torch.ones(2), None, tx.init(2))
     with pytest.raises(ValueError, match=r"gramian is \(3, 3\) but there are 2 task losses"):
         tx.update(torch.ones(2), torch.eye(3), tx.init(2))
@@ -166,12 +167,12 @@ def test_errors_come_before_tracing_under_compile():
     """The same messages are raised while torch.compile traces the step."""
     step = torch.compile(imtl.mtl_value_and_grad(enc, dec), fullgraph=True, backend="eager")
     with pytest.raises(Exception, match="got 2 task losses but the IMTL state holds 3"):
-        step(SHARED, TASK, imtl.init(3), X)
+        step(SHARED, TASK, imtl.preset("hybrid").init(3), X)
 
 
 def test_state_on_another_device():
-    state = imtl.init(2, device="meta")
+    state = imtl.preset("hybrid").init(2, device="meta")
     with pytest.raises(ValueError, match=r"the losses are on cpu but the IMTL state on meta; "
-                                         r"create the state with imtl_func.init\(\.\.\., "
+                                         r"create the state with step.init\(\.\.\., "
                                          r"device='cpu'\)"):
-        imtl.transform().update(torch.ones(2), torch.eye(2), state)
+        imtl.preset().update(torch.ones(2), torch.eye(2), state)

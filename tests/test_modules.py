@@ -54,7 +54,7 @@ def test_batchnorm_buffers_come_back_updated_and_gradients_match():
         return [lambda z, t=t: functional_call(heads[t], _sub(hp, f"{t}."), (z,))
                 for t in range(T)]
 
-    state = imtl.init(T, "gradient", dtype=torch.float64)
+    state = imtl.preset("gradient").init(T, dtype=torch.float64)
     step = imtl.mtl_value_and_grad(encode, decode, "gradient", encoder_has_aux=True)
     out = step(params, head_params, state, buffers, x, y)
     new_buffers, _ = out.aux

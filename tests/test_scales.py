@@ -21,7 +21,7 @@ def test_scaled_losses_and_their_gradient():
 
 
 def _run(rule, loss_values, steps, method="hybrid"):
-    tx = imtl.transform(method, scale_rule=rule)
+    tx = imtl.preset(method, scale_rule=rule)
     losses = torch.tensor(loss_values, dtype=torch.float64)
     t = len(loss_values)
     state = tx.init(t, dtype=torch.float64)
@@ -44,7 +44,7 @@ def test_default_rule_converges_to_minus_log_loss(method):
 
 
 def test_default_rule_steps_are_bounded_by_lr():
-    tx = imtl.transform("loss", scale_rule=imtl.scale_newton(lr=0.1))
+    tx = imtl.preset("loss", scale_rule=imtl.scale_newton(lr=0.1))
     state = tx.init(2, dtype=torch.float64)
     _, new, _ = tx.update(torch.tensor([1e-9, 1e9], dtype=torch.float64), None, state)
     delta = new.log_scale - state.log_scale
@@ -60,7 +60,9 @@ def test_adam_rule_converges():
 
 def test_plain_sgd_diverges_for_large_losses_where_the_default_does_not():
     sgd = _run(imtl.scale_sgd(lr=0.1), [1e3], 50, "loss")
-    assert not torch.isfinite(sgd.log_scale).all() or sgd.log_scale.abs().max() > 50
+    # SGD overshoots to the bound on |s| (40) and oscillates far from s* = -6.9.
+    assert torch.isfinite(sgd.log_scale).all()
+    assert (sgd.log_scale + math.log(1e3)).abs().max() > 20
     newton = _run(None, [1e3], 50, "loss")
     assert torch.isfinite(newton.log_scale).all()
     assert -math.log(1e3) - 0.5 < newton.log_scale.item() < 0
@@ -80,7 +82,7 @@ def test_frozen_rule_keeps_scales():
 def test_noisy_losses_fixed_point_is_mean_scaled_loss_one():
     """With noisy losses the default rule settles where E[e^s l] = 1, IMTL-L's own root."""
     gen = torch.Generator().manual_seed(0)
-    tx = imtl.transform("loss")
+    tx = imtl.preset("loss")
     state = tx.init(1, dtype=torch.float64)
     history = []
     for i in range(4000):

@@ -51,7 +51,7 @@ def test_step_matches_reference(method, level):
     log_scale = torch.tensor([0.3, -0.5, -2.0], dtype=torch.float64)
     if method == "gradient":
         log_scale = torch.zeros(3, dtype=torch.float64)
-    state = imtl.init(3, method, log_scale=log_scale, dtype=torch.float64)
+    state = imtl.preset(method).init(3, log_scale=log_scale, dtype=torch.float64)
     if level == "feature":
         step = imtl.mtl_value_and_grad(encode, decode, method)
     else:
@@ -81,7 +81,7 @@ def test_equal_projections_of_the_shared_update(level):
     """The combined feature (or parameter) gradient projects equally on every unit task gradient."""
     model, x, y = make_problem(num_tasks=3)
     shared, task, encode, decode, loss_fn = functional(model)
-    state = imtl.init(3, "gradient", dtype=torch.float64)
+    state = imtl.preset("gradient").init(3, dtype=torch.float64)
     if level == "parameter":
         out = imtl.value_and_grad(loss_fn, "gradient")(shared, task, state, x, y)
         _, jac = imtl.task_jacobian(lambda p: loss_fn(p, task, x, y), shared)
@@ -95,7 +95,7 @@ def test_equal_projections_of_the_shared_update(level):
         g = out.info.alpha @ flat_jac
     proj = flat_jac @ g / flat_jac.norm(dim=1)
     torch.testing.assert_close(proj, proj.mean().expand(3), rtol=1e-9, atol=0)
-    torch.testing.assert_close(proj[0], out.info.projection, rtol=1e-9, atol=0)
+    torch.testing.assert_close(proj[0], out.info.stats.projection, rtol=1e-9, atol=0)
 
 
 def test_losses_extra_bypasses_imtl():
@@ -112,7 +112,7 @@ def test_losses_extra_bypasses_imtl():
 
     for method in METHODS:
         log_scale = None if method == "gradient" else [0.1, -1.0, -3.0]
-        state = imtl.init(3, method, log_scale=log_scale, dtype=torch.float64)
+        state = imtl.preset(method).init(3, log_scale=log_scale, dtype=torch.float64)
         # feature level
         base = imtl.mtl_value_and_grad(encode, decode, method)(shared, task, state, x, y)
         both = imtl.mtl_value_and_grad(encode, decode_extra, method)(shared, task, state, x, y)
@@ -139,7 +139,7 @@ def test_losses_extra_bypasses_imtl():
 def test_chunk_size_gives_the_same_result(chunk_size):
     model, x, y = make_problem(num_tasks=3)
     shared, task, encode, decode, loss_fn = functional(model)
-    state = imtl.init(3, "hybrid", dtype=torch.float64)
+    state = imtl.preset("hybrid").init(3, dtype=torch.float64)
     for make in (lambda **kw: imtl.mtl_value_and_grad(encode, decode, **kw),
                  lambda **kw: imtl.value_and_grad(loss_fn, **kw)):
         a = make()(shared, task, state, x, y)
@@ -180,7 +180,7 @@ def test_pytrees_nested_and_several_feature_tensors():
     _, jac = imtl.task_jacobian(lambda f: decode(task, f, x), feats)
     flat = torch.cat([jac[0].reshape(3, -1), jac[1]["b"].reshape(3, -1)], 1)
     alpha = paper_alpha(flat)
-    state = imtl.init(3, "gradient", dtype=dt)
+    state = imtl.preset("gradient").init(3, dtype=dt)
     out = imtl.mtl_value_and_grad(encode, decode, "gradient")(shared, task, state, x)
     torch.testing.assert_close(out.info.alpha, alpha)
     expected = torch.func.grad(lambda sp: (alpha * loss_fn(sp, task, x)).sum())(shared)
@@ -205,7 +205,7 @@ def test_named_parameters_dict_with_requires_grad():
     def decode(p, z, y):
         return _heads(model, p, z, y)
 
-    state = imtl.init(2, "hybrid", dtype=torch.float64)
+    state = imtl.preset("hybrid").init(2, dtype=torch.float64)
     out = imtl.mtl_value_and_grad(encode, lambda p, z, x: decode(p, z, y))(shared, task, state, x)
     assert all(not g.requires_grad for g in out.grads.shared.values())
     assert all(p.grad is None for p in model.parameters())
@@ -223,7 +223,7 @@ def test_aux_outputs():
         losses = decode(p, z, x, y)
         return losses, losses.sum()
 
-    state = imtl.init(2, dtype=torch.float64)
+    state = imtl.preset("hybrid").init(2, dtype=torch.float64)
     out = imtl.mtl_value_and_grad(enc, dec, encoder_has_aux=True, has_aux=True)(
         shared, task, state, x, y)
     z = encode(shared, x, y)
@@ -243,7 +243,7 @@ def test_non_finite_step_is_a_no_op(method, level, bad):
     y = y.clone()
     y[0, 1] = bad
     log_scale = None if method == "gradient" else [0.5, 0.5, 0.5]
-    state = imtl.init(3, method, log_scale=log_scale, dtype=torch.float64)
+    state = imtl.preset(method).init(3, log_scale=log_scale, dtype=torch.float64)
     step = (imtl.mtl_value_and_grad(encode, decode, method) if level == "feature"
             else imtl.value_and_grad(loss_fn, method))
     out = step(shared, task, state, x, y)
@@ -269,7 +269,7 @@ def test_non_finite_gradient_with_finite_losses_is_a_no_op():
     def decode(p, z, x):
         return p["h"] * z.sum() + p["h"] ** 2
 
-    state = imtl.init(2, "hybrid", dtype=dt)
+    state = imtl.preset("hybrid").init(2, dtype=dt)
     out = imtl.mtl_value_and_grad(encode, decode)(shared, task, state, x)
     assert torch.isfinite(out.losses).all()
     assert not out.info.finite
@@ -280,7 +280,7 @@ def test_non_finite_gradient_with_finite_losses_is_a_no_op():
 def test_single_task_gets_weight_one():
     model, x, y = make_problem(num_tasks=1)
     shared, task, encode, decode, loss_fn = functional(model)
-    state = imtl.init(1, "gradient", dtype=torch.float64)
+    state = imtl.preset("gradient").init(1, dtype=torch.float64)
     out = imtl.mtl_value_and_grad(encode, decode, "gradient")(shared, task, state, x, y)
     torch.testing.assert_close(out.info.alpha, torch.ones(1, dtype=torch.float64))
     expected = torch.func.grad(lambda sp: loss_fn(sp, task, x, y).sum())(shared)
@@ -293,18 +293,18 @@ def test_flip_negative():
     # Three independent gradients whose equal-projection solution has c < 0 (found by search).
     g = torch.tensor([[-1.1, -1.8, 0.8], [-0.6, -0.6, 0.3], [-1.2, -0.4, -0.1]], dtype=dt)
     k = g @ g.T
-    plain = imtl.transform("gradient")
-    flip = imtl.transform("gradient", flip_negative=True)
+    plain = imtl.preset("gradient")
+    flip = imtl.preset("gradient", flip_negative=True)
     losses = torch.ones(3, dtype=dt)
     w0, _, i0 = plain.update(losses, k, plain.init(3, dtype=dt))
     w1, _, i1 = flip.update(losses, k, flip.init(3, dtype=dt))
     c = (i0.alpha @ g) @ (g[0] / g[0].norm())
-    assert c < -0.3 and not i0.degenerate
+    assert c < -0.3 and not i0.stats.degenerate
     # A step along -g then raises every task's loss to first order: <g, g_t> < 0 for all t.
     assert ((i0.alpha @ g) @ g.T < 0).all()
-    torch.testing.assert_close(i0.projection, c)
+    torch.testing.assert_close(i0.stats.projection, c)
     torch.testing.assert_close(i1.alpha, -i0.alpha)
-    torch.testing.assert_close(i1.projection, -c)
+    torch.testing.assert_close(i1.stats.projection, -c)
     torch.testing.assert_close(w1.shared, -w0.shared)
 
 
@@ -323,7 +323,7 @@ def test_per_task_decoders_match_reference_and_the_batched_path(method):
     model, x, y = make_problem(num_tasks=3)
     shared, task, encode, decode, _ = functional(model)
     log_scale = None if method == "gradient" else [0.3, -0.5, -2.0]
-    state = imtl.init(3, method, log_scale=log_scale, dtype=torch.float64)
+    state = imtl.preset(method).init(3, log_scale=log_scale, dtype=torch.float64)
     fast = imtl.mtl_value_and_grad(encode, _per_task_decoders(model), method)(
         shared, task, state, x, y)
     batched = imtl.mtl_value_and_grad(encode, decode, method)(shared, task, state, x, y)
@@ -341,14 +341,16 @@ def test_per_task_decoders_are_one_plain_backward():
     """No vmap: the per-task path never calls the batched pull-back."""
     model, x, y = make_problem(num_tasks=3)
     shared, task, encode, _, _ = functional(model)
-    state = imtl.init(3, "hybrid", dtype=torch.float64)
+    state = imtl.preset("hybrid").init(3, dtype=torch.float64)
     calls = []
-    original = imtl._steps.pullback_rows
-    imtl._steps.pullback_rows = lambda *a, **k: calls.append(1) or original(*a, **k)
+    import imtl_func._steps as steps_module
+
+    original = steps_module.pullback_rows
+    steps_module.pullback_rows = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
         imtl.mtl_value_and_grad(encode, _per_task_decoders(model))(shared, task, state, x, y)
     finally:
-        imtl._steps.pullback_rows = original
+        steps_module.pullback_rows = original
     assert calls == []
 
 
@@ -364,4 +366,4 @@ def test_per_task_decoder_errors():
     step = imtl.mtl_value_and_grad(encode, [lambda p, z, x, y: z.sum(), lambda p, z, x, y: z])
     with pytest.raises(ValueError, match=r"decode\[1\] must return a floating scalar loss, got "
                                          r"shape \(16, 6\)"):
-        step(shared, task, imtl.init(2, dtype=torch.float64), x, y)
+        step(shared, task, imtl.preset("hybrid").init(2, dtype=torch.float64), x, y)
