@@ -269,7 +269,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(ranks, level, method):
     if method != "loss":   # the Gramian is that of the global batch, not R times it
         torch.testing.assert_close(got["grad_norm"], ref["grad_norm"], rtol=1e-5, atol=0)
     if method != "gradient":  # the scales moved: the check is not vacuous
-        assert float(got["state"].log_scale.abs().min()) > 0.05
+        assert float(got["state"].log_scale.abs().min()) > 0.03
     if method != "loss":
         assert float((got["alpha"][-1] - 1 / NUM_TASKS).abs().max()) > 0.01
 

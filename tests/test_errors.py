@@ -29,7 +29,8 @@ def run(decode=dec, shared=SHARED, task=TASK, state=None, method="hybrid", **kw)
 
 
 def test_unknown_method():
-    with pytest.raises(ValueError, match=r"method must be one of \('loss', 'gradient', 'hybrid', 'equal'\) or a Transform"):
+    with pytest.raises(ValueError, match=r"method must be one of \('loss', 'gradient', 'hybrid', "
+                                         r"'equal'\) or a Transform"):
         imtl.preset("imtl")
     with pytest.raises(ValueError, match="method must be one of"):
         imtl.mtl_value_and_grad(enc, dec, "Hybrid")
@@ -67,7 +68,8 @@ def test_task_count_mismatch_with_state():
                                          "create the state with num_tasks=2"):
         run(state=imtl.preset("hybrid").init(3))
     with pytest.raises(ValueError, match="got 2 task losses but the IMTL state holds 3"):
-        imtl.value_and_grad(lambda s, t, x: dec(t, enc(s, x), x))(SHARED, TASK, imtl.preset("hybrid").init(3), X)
+        step = imtl.value_and_grad(lambda s, t, x: dec(t, enc(s, x), x))
+        step(SHARED, TASK, step.init(3), X)
 
 
 def test_empty_parameter_trees():
@@ -139,7 +141,8 @@ def test_bad_initial_log_scale():
         imtl.preset("hybrid").init(3, log_scale=[0.0, 1.0])
     with pytest.raises(ValueError, match="log_scale must be finite"):
         imtl.preset("hybrid").init(2, log_scale=[0.0, float("inf")])
-    with pytest.raises(ValueError, match=r"this transform has no loss scales \(scale_rule=None\): log_scale must be None"):
+    with pytest.raises(ValueError, match=r"this transform has no loss scales \(scale_rule=None\): "
+                                         "log_scale must be None"):
         imtl.preset("gradient").init(2, log_scale=[1.0, 0.0])
 
 
@@ -147,7 +150,8 @@ def test_gramian_errors():
     with pytest.raises(ValueError, match=r"gramian must be a \[T, T\] tensor with T >= 1, got "
                                          r"\(2, 3\)"):
         imtl.imtl_g_weights(torch.ones(2, 3))
-    with pytest.raises(TypeError, match="gramian must be a real floating-point tensor, got dtype torch.int64"):
+    with pytest.raises(TypeError, match=r"gramian must be a real floating-point tensor, got "
+                                        r"dtype torch\.int64"):
         imtl.imtl_g_weights(torch.eye(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="every Jacobian leaf needs the same leading task axis"):
         imtl.gramian({"a": torch.ones(2, 3), "b": torch.ones(3, 3)})
@@ -157,7 +161,8 @@ def test_gramian_errors():
 
 def test_update_needs_a_gramian():
     tx = imtl.preset("gradient")
-    with pytest.raises(ValueError, match="this transform's weighting needs the Gramian of the task gradients"):
+    with pytest.raises(ValueError, match="this transform's weighting needs the Gramian of "
+                                         "the task gradients"):
         tx.update(torch.ones(2), None, tx.init(2))
     with pytest.raises(ValueError, match=r"gramian is \(3, 3\) but there are 2 task losses"):
         tx.update(torch.ones(2), torch.eye(3), tx.init(2))
