@@ -119,6 +119,7 @@ def scalar_loss(x: Any, task: int) -> Any:
         desc = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"decode[{task}] must return a floating scalar loss, got {desc}; "
                          "reduce the task's loss to one number (e.g. .mean())")
+    differentiable(x, f"decode[{task}]")
     return x
 
 
@@ -195,3 +196,15 @@ def gramian_for(x: Any, num_tasks: int, device: torch.device) -> Tensor:
         raise ValueError(f"the Gramian is on {x.device} but the losses on {device}; compute both "
                          "on one device")
     return x.detach()
+
+
+def differentiable(x: Tensor, where: str) -> None:
+    """Losses computed inside ``torch.func.vjp`` must depend on what is differentiated.
+
+    ``requires_grad`` is static metadata there (also under ``torch.compile``): a loss that is
+    detached, or built from constants, would give all-zero gradients and train nothing.
+    """
+    if not x.requires_grad:
+        raise ValueError(f"{where} returned losses that do not depend on the parameters or the "
+                         "features (a .detach(), .item() or torch.tensor(...) on the way?): "
+                         "they would give zero gradients; return the losses as computed")

@@ -60,7 +60,13 @@ def task_jacobian(
     """
     _checks.params(params, "params")
     params = tree_map(torch.Tensor.detach, params)
-    losses, pullback = vjp(lambda p: fn(p, *args), params)
+    def wrapped(p: PyTree) -> Tensor:
+        out = fn(p, *args)
+        if isinstance(out, Tensor):
+            _checks.differentiable(out, "task_jacobian's fn")
+        return out
+
+    losses, pullback = vjp(wrapped, params)
     _checks.losses(losses, None, "task_jacobian")
     eye = torch.eye(losses.shape[0], dtype=losses.dtype, device=losses.device)
     (jac,) = pullback_rows(pullback, eye, chunk_size)

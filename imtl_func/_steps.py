@@ -91,6 +91,7 @@ def _vjp(fn: Callable[..., Any], has_aux: bool, where: str, *primals: PyTree
                                  "(losses, aux)")
             out, aux = out
         vector, meta["num_tasks"] = _loss_vector(out, where)
+        _checks.differentiable(vector, where)
         return (vector, aux) if has_aux else vector
 
     if has_aux:
