@@ -97,7 +97,9 @@ def test_update_readme_replaces_only_the_marked_block(quick_report: dict, tmp_pa
     readme.write_text(f"intro\n{BEGIN}\nold table\n{END}\noutro\n")
     update_readme(readme, render_markdown(quick_report))
     text = readme.read_text()
-    assert text.startswith(f"intro\n{BEGIN}\n**mlp, 1 thread**") and text.endswith(f"{END}\noutro\n")
+    assert text.startswith(f"intro\n{BEGIN}\n**mlp, 1 thread**") and text.endswith(
+        f"{END}\noutro\n"
+    )
     assert "old table" not in text and text.count("| EW eager | ") == len(MODELS)
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="no"):
@@ -307,4 +309,5 @@ def test_targets_verdicts() -> None:
         "| compiled vs EW eager | dense | 1 | 4 | " + comp + " | 1.06 x EW | ≤ 1.05 | **missed** |"
         in text
     )
+    assert "| 'loss' | 2 | 0 |\n| compiled vs EW eager | 0 | 1 |\n" in text
     assert text.endswith("16 of 21 targets met, 5 missed.")
