@@ -3,7 +3,8 @@
 Timing: every row is warmed up (its first calls hold any ``torch.compile`` work, reported
 separately), then the rows are timed one step at a time in interleaved rounds, the order
 rotated every round, so that a burst of load on a shared machine lands on every row alike.
-Each step is bracketed by a device synchronisation on CUDA.
+Rows far slower than the baseline can be limited to the first few rounds. Each step is
+bracketed by a device synchronisation on CUDA.
 
 Peak memory: the most tensor memory that one step holds above what was live before it.
 On CUDA that is ``torch.cuda.max_memory_allocated`` (after ``reset_peak_memory_stats``) minus
@@ -65,9 +66,19 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
 
 
 def time_rows(
-    rows: Sequence[Row], *, warmup: int, repeats: int, device: torch.device
+    rows: Sequence[Row],
+    *,
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+    slow_factor: float | None = None,
+    slow_repeats: int | None = None,
 ) -> dict[str, Timing]:
     """Warm up every row, then time ``repeats`` steps of each in rotated interleaved rounds.
+
+    A row whose last warm-up step took more than ``slow_factor`` times that of ``rows[0]``
+    (the baseline) takes part only in the first ``slow_repeats`` rounds, so that a few very
+    slow rows do not set the run's length; its paired ratios use those rounds.
 
     Returns:
         ``{row.name: Timing}``.
@@ -76,12 +87,19 @@ def time_rows(
     for row in rows:
         for _ in range(warmup):
             out[row.name].warmup_s.append(_timed(row.step, device))
+    budget = {row.name: repeats for row in rows}
+    if slow_factor is not None and slow_repeats is not None and warmup > 0:
+        base = out[rows[0].name].warmup_s[-1]
+        for row in rows[1:]:
+            if out[row.name].warmup_s[-1] > slow_factor * base:
+                budget[row.name] = min(repeats, slow_repeats)
     gc.collect()
     gc.disable()
     try:
         for r in range(repeats):
-            shift = r % len(rows)
-            for row in [*rows[shift:], *rows[:shift]]:
+            active = [row for row in rows if r < budget[row.name]]
+            shift = r % len(active)
+            for row in [*active[shift:], *active[:shift]]:
                 out[row.name].times_s.append(_timed(row.step, device))
     finally:
         gc.enable()

@@ -1,35 +1,37 @@
 """The rows of the benchmark: one full training step each (forward, gradients, optimizer step).
 
-Every row owns its own copy of the workload's model and its own ``torch.optim.Adam`` (Adam
-keeps the parameters finite under loss scales up to 10^15), so the rows can be timed
-interleaved without touching each other. Rows:
+Every row owns its own copy of the workload's model and its own plain SGD (no momentum, no
+weight decay; see :func:`learning_rate`), so the rows can be timed interleaved without
+touching each other. Rows:
 
 * ``ew``: equal weighting, one ``backward`` of ``Σ_t ℓ_t``: the floor.
 * ``ew`` compiled: the same with the forward under ``torch.compile`` (AOTAutograd backward).
-* ``loop-feature``: the usual public IMTL-G: T ``torch.autograd.grad`` calls, call t on the
-  loss of task t (computed on its own, so it runs only head t's backward) w.r.t. the detached
-  shared feature and head t; the paper's closed form in D, U; one backward of ``Σ α_t g_t``
-  through the encoder.
+* ``loop-feature``: the usual public IMTL-G (the naive loop): T ``torch.autograd.grad`` calls,
+  call t on the loss of task t (computed on its own, so it runs only head t's backward) w.r.t.
+  the detached shared feature and head t; the paper's closed form in D, U; one backward of
+  ``Σ α_t g_t`` through the encoder.
 * ``loop-param``: T ``torch.autograd.grad`` calls w.r.t. all shared parameters, the closed form
   on the flattened ``T × |θ|`` gradients.
 * ``torchjd``: ``torchjd.autojac.mtl_backward`` then ``jac_to_grad`` with ``IMTLG`` (only when
   ``torchjd`` imports); it works on the Jacobian w.r.t. the shared parameters.
-* ours: ``imtl_func.mtl_value_and_grad`` (feature level) or ``imtl_func.value_and_grad``
-  (parameter level), method 'loss' | 'gradient' | 'hybrid', eager or
-  ``torch.compile(step, fullgraph=True)``.
-* ours ``feature-per-task``: the feature-level fast path, ``mtl_value_and_grad(encode,
-  [loss_1, ..., loss_T])``: each task's loss function reads its own reference to the feature,
-  one plain backward through the heads.
-* ``nn.IMTL``: the imperative module (issue 3), feature and parameter level, when
-  ``imtl_func.nn`` exists.
+* ours: the functional steps, method 'loss' | 'gradient' | 'hybrid', eager or
+  ``torch.compile(step, fullgraph=True)``; level ``feature`` (one general ``decode`` returning
+  the ``[T]`` losses), ``feature-per-task`` (the per-task decoders ``[loss_1, ..., loss_T]``)
+  or ``parameter``.
+* ``nn.IMTL``: the imperative module, ``imtl(z, losses)`` (feature level) or
+  ``imtl.backward(shared_parameters=..., losses=...)`` (parameter level).
+
+Every call into ``imtl_func`` is in the block marked "imtl_func API" below, so that an API
+change is adapted there and nowhere else.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,22 +42,92 @@ import imtl_func as imtl
 from benchmarks.models import Workload, decode, loss_list, per_task_losses
 
 __all__ = [
+    "BASE_LR",
     "Row",
     "RowSpec",
     "build_row",
     "has_nn_module",
     "has_torchjd",
+    "learning_rate",
+    "library_path",
     "paper_alpha",
 ]
 
-LR = 1e-4
+BASE_LR = 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# imtl_func API: the only place the benchmark calls the library (today's API).
+# To adapt to `step.init(num_tasks)` on the returned step: change `functional_step` only.
+# ---------------------------------------------------------------------------------------------
+
+
+def library_path() -> str:
+    """Folder of the ``imtl_func`` that the benchmark imports (recorded in the JSON)."""
+    return str(Path(imtl.__file__).parent)
+
+
+def has_nn_module() -> bool:
+    """``imtl_func.nn.IMTL`` present on this checkout."""
+    return importlib.util.find_spec("imtl_func.nn") is not None
+
+
+def functional_step(
+    level: str,
+    method: str,
+    encode: Callable[..., Tensor],
+    decoder: Callable[..., Tensor] | Sequence[Callable[..., Tensor]],
+    loss_fn: Callable[..., Tensor],
+    num_tasks: int,
+    device: torch.device,
+) -> tuple[Callable[..., Any], Any]:
+    """The library's one-call step for ``level`` and its initial state.
+
+    Args:
+        level: ``'feature'`` / ``'feature-per-task'`` (``decoder`` is one ``decode`` / T loss
+            functions) or ``'parameter'`` (``loss_fn(shared, task, x) -> [T]``).
+
+    Returns:
+        ``(step, state)``, ``step(shared, task, state, x) -> out`` (read with
+        :func:`unpack_step`).
+    """
+    if level == "parameter":
+        fn = imtl.value_and_grad(loss_fn, method)
+    else:
+        fn = imtl.mtl_value_and_grad(encode, decoder, method)
+    return fn, fn.init(num_tasks, device=device)
+
+
+def unpack_step(out: Any) -> tuple[dict[str, Tensor], dict[str, Tensor], Any]:
+    """``(shared grads, task grads, new state)`` of a step's result."""
+    return out.grads.shared, out.grads.task, out.state
+
+
+def nn_module(method: str, num_tasks: int, device: torch.device) -> torch.nn.Module:
+    """``imtl_func.nn.IMTL`` for ``num_tasks`` losses (its log-scales are parameters)."""
+    from imtl_func import nn as imtl_nn
+
+    return imtl_nn.IMTL(method=method, num_losses=num_tasks).to(device)
+
+
+def nn_call(module: Any, level: str, z: Tensor, shared: list[Tensor], losses: list[Tensor]) -> None:
+    """One ``nn.IMTL`` call: feature level ``module(z, losses)`` or parameter level
+    ``module.backward(shared_parameters=..., losses=...)``; the gradients land in ``.grad``."""
+    if level == "feature":
+        module(z, losses)
+    else:
+        module.backward(shared_parameters=shared, losses=losses)
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class RowSpec:
     """What a row computes. ``method``: 'ew', 'gradient' (the loops, torchjd), 'loss',
-    'hybrid'; ``impl``: 'ew', 'loop', 'torchjd', 'ours', 'nn'; ``level``: 'feature',
-    'feature-per-task', 'parameter' or '-' (EW); ``mode``: 'eager' or 'compiled'."""
+    'hybrid'; ``impl``: 'ew', 'loop', 'torchjd', 'ours', 'nn'; ``level``: 'feature' (general
+    decode; nn.IMTL: ``imtl(z, losses)``), 'feature-per-task', 'parameter' or '-' (EW);
+    ``mode``: 'eager' or 'compiled'."""
 
     impl: str
     method: str
@@ -103,9 +175,14 @@ def has_torchjd() -> bool:
     return True
 
 
-def has_nn_module() -> bool:
-    """``imtl_func.nn.IMTL`` present on this checkout (issue 3)."""
-    return importlib.util.find_spec("imtl_func.nn") is not None
+def learning_rate(work: Workload) -> float:
+    """Plain SGD's step size: ``BASE_LR / 10^(T−1)``.
+
+    EW's gradient carries the largest loss scale ``10^(T−1)``; dividing by it keeps every row's
+    parameters finite over the benchmark's few dozen steps at T = 16 (an SGD step of 10^15
+    times a unit gradient would not be). The step size does not change the arithmetic timed.
+    """
+    return BASE_LR / float(work.scales.max())
 
 
 def paper_alpha(grads: Tensor) -> Tensor:
@@ -131,7 +208,7 @@ def paper_alpha(grads: Tensor) -> Tensor:
 
 
 class _Model:
-    """A private copy of the workload's model and an Adam over all of its parameters."""
+    """A private copy of the workload's model and a plain SGD over all of its parameters."""
 
     def __init__(self, work: Workload) -> None:
         self.work = work
@@ -139,12 +216,17 @@ class _Model:
         self.heads = copy.deepcopy(work.heads)
         self.shared = dict(self.encoder.named_parameters())
         self.task = dict(self.heads.named_parameters())
+        self.head = [[self.task[k] for k in work.head_keys(t)] for t in range(work.num_tasks)]
         self.params = [*self.shared.values(), *self.task.values()]
-        self.opt = torch.optim.Adam(self.params, lr=LR)
+        self.opt = torch.optim.SGD(self.params, lr=learning_rate(work))
 
     def losses(self, z: Tensor) -> Tensor:
         w = self.work
         return decode(w.name, self.task, z, w.y, w.scales)
+
+    def loss_list(self, z: Tensor) -> list[Tensor]:
+        w = self.work
+        return loss_list(w.name, self.task, z, w.y, w.scales)
 
     def update(self) -> None:
         self.opt.step()
@@ -168,15 +250,13 @@ def _ew(work: Workload, compiled: bool) -> Row:
 
 def _loop_feature(work: Workload) -> Row:
     m = _Model(work)
-    num_tasks = work.num_tasks
 
     def step() -> None:
         z = m.encoder(work.x)
         zd = z.detach().requires_grad_()
-        losses = loss_list(work.name, m.task, zd, work.y, work.scales)
+        losses = m.loss_list(zd)
         rows = []
-        for t in range(num_tasks):
-            head = [m.task[f"{t}.weight"], m.task[f"{t}.bias"]]
+        for t, head in enumerate(m.head):
             g_z, *g_head = torch.autograd.grad(losses[t], [zd, *head])
             rows.append(g_z.reshape(-1))
             for p, g in zip(head, g_head, strict=True):
@@ -195,10 +275,9 @@ def _loop_param(work: Workload) -> Row:
     shared = list(m.shared.values())
 
     def step() -> None:
-        losses = loss_list(work.name, m.task, m.encoder(work.x), work.y, work.scales)
+        losses = m.loss_list(m.encoder(work.x))
         rows = []
-        for t in range(num_tasks):
-            head = [m.task[f"{t}.weight"], m.task[f"{t}.bias"]]
+        for t, head in enumerate(m.head):
             grads = torch.autograd.grad(losses[t], [*shared, *head], retain_graph=t < num_tasks - 1)
             rows.append(torch.cat([g.reshape(-1) for g in grads[: len(shared)]]))
             for p, g in zip(head, grads[len(shared) :], strict=True):
@@ -219,12 +298,10 @@ def _torchjd(work: Workload) -> Row:
     m = _Model(work)
     aggregator = IMTLG()
     shared = list(m.shared.values())
-    tasks_params = [[m.task[f"{t}.weight"], m.task[f"{t}.bias"]] for t in range(work.num_tasks)]
 
     def step() -> None:
         z = m.encoder(work.x)
-        losses = loss_list(work.name, m.task, z, work.y, work.scales)
-        mtl_backward(losses, features=z, tasks_params=tasks_params, shared_params=shared)
+        mtl_backward(m.loss_list(z), features=z, tasks_params=m.head, shared_params=shared)
         jac_to_grad(shared, aggregator)
         m.update()
 
@@ -244,46 +321,38 @@ def _ours(work: Workload, method: str, level: str, compiled: bool) -> Row:
     def loss_fn(params: dict[str, Tensor], task_params: dict[str, Tensor], x: Tensor) -> Tensor:
         return dec(task_params, encode(params, x), x)
 
-    if level == "feature":
-        fn = imtl.mtl_value_and_grad(encode, dec, method)
-    elif level == "feature-per-task":
-        fn = imtl.mtl_value_and_grad(encode, per_task_losses(name, y, scales), method)
-    else:
-        fn = imtl.value_and_grad(loss_fn, method)
-    holder: dict[str, Any] = {"state": fn.init(work.num_tasks, device=work.x.device)}
+    decoder = per_task_losses(name, y, scales) if level == "feature-per-task" else dec
+    fn, state = functional_step(
+        level, method, encode, decoder, loss_fn, work.num_tasks, work.x.device
+    )
     if compiled:
         fn = torch.compile(fn, fullgraph=True, dynamic=False)
+    holder: dict[str, Any] = {"state": state}
 
     def step() -> None:
-        out = fn(m.shared, m.task, holder["state"], work.x)
+        g_shared, g_task, holder["state"] = unpack_step(
+            fn(m.shared, m.task, holder["state"], work.x)
+        )
         for key, p in m.shared.items():
-            p.grad = out.grads.shared[key]
+            p.grad = g_shared[key]
         for key, p in m.task.items():
-            p.grad = out.grads.task[key]
-        holder["state"] = out.state
+            p.grad = g_task[key]
         m.update()
 
     return Row(RowSpec("ours", method, level, "compiled" if compiled else "eager"), step, m.params)
 
 
 def _nn_module(work: Workload, method: str, level: str) -> Row:
-    """``imtl_func.nn.IMTL`` in an ordinary loop: ``imtl(z, losses)`` (feature level) or
-    ``imtl.backward(shared_parameters=..., losses=...)`` (parameter level); the user's Adam
-    trains its log-scales."""
-    from imtl_func import nn as imtl_nn
-
+    """``imtl_func.nn.IMTL`` in an ordinary loop; the user's SGD trains its log-scales."""
     m = _Model(work)
-    module = imtl_nn.IMTL(method=method, num_losses=work.num_tasks).to(work.x.device)
-    m.opt.add_param_group({"params": list(module.parameters())})
+    module = nn_module(method, work.num_tasks, work.x.device)
+    if extra := list(module.parameters()):
+        m.opt.add_param_group({"params": extra})
     shared = list(m.shared.values())
 
     def step() -> None:
         z = m.encoder(work.x)
-        losses = loss_list(work.name, m.task, z, work.y, work.scales)
-        if level == "feature":
-            module(z, losses)
-        else:
-            module.backward(shared_parameters=shared, losses=losses)
+        nn_call(module, level, z, shared, m.loss_list(z))
         m.update()
 
     return Row(RowSpec("nn", method, level), step, m.params)
