@@ -32,9 +32,8 @@ from imtl_func._scales import (
 )
 from imtl_func._steps import Step, mtl_value_and_grad, value_and_grad
 from imtl_func._transform import IMTLState, Info, NonFinite, TaskWeights, Transform, transform
+from imtl_func._version import __version__ as __version__
 from imtl_func._weighting import EmptyStats, Weighting, equal, weighting
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AdamState",
