@@ -121,8 +121,8 @@ def test_ew_is_the_gradient_of_the_plain_sum(data: demo.Data) -> None:
     shared = {k: v.detach() for k, v in encoder.named_parameters()}
     task = {k: v.detach() for k, v in heads.named_parameters()}
     batch = data.train_batch(torch.arange(64))
-    state = demo.make_transform("ew").init(demo.NUM_TASKS)
-    out = demo.make_step("ew", encoder, heads)(shared, task, state, *batch)
+    step, state = demo.make_step("ew", encoder, heads)
+    out = step(shared, task, state, *batch)
 
     def total(sp: dict, tp: dict) -> torch.Tensor:
         z = functional_call(encoder, sp, (batch[0],))
@@ -190,7 +190,6 @@ def test_bad_flags_are_rejected() -> None:
 def test_module_path_matches_functional_path(data: demo.Data) -> None:
     """'gradient' has no scales, so nn.IMTL in a plain loop and the functional step must train
     the same network; EW with ``losses.sum().backward()`` must match the library's EW."""
-    pytest.importorskip("imtl_func.nn")
     for method in ("gradient", "ew"):
         fun = demo.train(method, data, steps=5, seed=0, eval_every=5, progress=False)
         mod = demo.train(method, data, steps=5, seed=0, eval_every=5, progress=False,
@@ -201,13 +200,11 @@ def test_module_path_matches_functional_path(data: demo.Data) -> None:
 
 
 def test_module_flag(tmp_path: Path) -> None:
-    pytest.importorskip("imtl_func.nn")
     demo.main(["--steps", "3", "--methods", "ew,hybrid", "--module", "--out", str(tmp_path),
                "--no-progress", "--no-plots"])
     assert (tmp_path / "metrics.json").exists()
 
 
-@pytest.mark.filterwarnings("ignore:'imtl_func.demo' found in sys.modules:RuntimeWarning")
 def test_command_line_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     """``python -m imtl_func.demo ...`` runs (in-process via runpy, to skip a second interpreter
