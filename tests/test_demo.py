@@ -152,6 +152,22 @@ def test_task_set_has_the_advertised_magnitudes(data: demo.Data) -> None:
     assert torch.equal(data.ink_test, (data.x_test * 16).sum(1).round())
 
 
+def test_the_demo_computes_in_float64(data: demo.Data) -> None:
+    """float64 keeps the printed table the same across CPUs (see the package docstring); the
+    initial weights are drawn in float32 and cast, so they do not depend on the dtype."""
+    assert demo.DTYPE is torch.float64
+    assert {t.dtype for t in (data.x_train, data.ge5_train, data.ink_train, data.x_test,
+                              data.ge5_test, data.ink_test)} == {torch.float64}
+    encoder, heads = demo.build_model(0, 312.0, 34.0)
+    params = [*encoder.parameters(), *heads.parameters()]
+    assert {p.dtype for p in params} == {torch.float64}
+    enc32, heads32 = demo.build_model(0, 312.0, 34.0, dtype=torch.float32)
+    for p, p32 in zip(params, [*enc32.parameters(), *heads32.parameters()], strict=True):
+        assert p32.dtype == torch.float32 and torch.equal(p, p32.double())
+    _, state = demo.make_step("hybrid", encoder, heads)
+    assert state.log_scale.dtype == torch.float64
+
+
 def test_delta_m_sign_and_value() -> None:
     base = [100.0, 80.0, 20.0, 5.0]
     # class -10 % (worse), ink -50 % error (better): (−10 + 0 + 50 + 0) / 4

@@ -29,8 +29,10 @@ NUM_TASKS = len(TASKS)
 #: Method names accepted by ``--methods``; "ew" is equal weighting.
 METHODS: tuple[str, ...] = ("ew", "loss", "gradient", "hybrid")
 
-#: Every tensor of the demo (data, network, IMTL state) is float32.
-DTYPE = torch.float32
+#: dtype of the data, the network and the IMTL state. float64 costs about nothing on this
+#: overhead-bound model and keeps the printed table the same across CPUs and thread counts
+#: (see "Reproducibility" in :mod:`imtl_func.demo`).
+DTYPE = torch.float64
 
 
 @dataclass(frozen=True)
