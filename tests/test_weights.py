@@ -260,3 +260,18 @@ def test_t_from_one_to_sixteen_in_float32_gramian(t):
     r = imtl.imtl_g_weights(g @ g.T)
     assert r.alpha.dtype == torch.float32
     assert math.isclose(r.alpha.sum().item(), 1.0, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize(("leaf", "message"), [
+    (torch.ones(2, 3, dtype=torch.complex64),
+     r"gramian: task gradients must be real \(IMTL is not defined for complex gradients\), got "
+     r"a Jacobian leaf of dtype torch.complex64; view complex parameters as real ones"),
+    (torch.ones(2, 3, dtype=torch.int64),
+     "gramian: Jacobian leaves must be floating point, got dtype torch.int64"),
+    (torch.ones(2, 3, dtype=torch.bool), "got dtype torch.bool"),
+    (1.5, r"gramian: every Jacobian leaf must be a tensor of shape \[T, ...\], got float"),
+])
+def test_gramian_refuses_complex_integer_and_non_tensor_leaves(leaf, message):
+    """A complex Jacobian used to give J Jᵀ without conjugation (a negative diagonal)."""
+    with pytest.raises(TypeError, match=message):
+        imtl.gramian({"w": torch.ones(2, 3), "b": leaf})
