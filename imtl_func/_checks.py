@@ -6,6 +6,7 @@ same in eager mode and while `torch.compile` traces a step.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -208,3 +209,35 @@ def differentiable(x: Tensor, where: str) -> None:
         raise ValueError(f"{where} returned losses that do not depend on the parameters or the "
                          "features (a .detach(), .item() or torch.tensor(...) on the way?): "
                          "they would give zero gradients; return the losses as computed")
+
+
+def real_matrix_dtype(x: Any, name: str) -> None:
+    """IMTL is defined for real gradients: a complex Gramian is refused with the reason."""
+    if isinstance(x, Tensor) and x.is_complex():
+        raise TypeError(f"{name} must be real: IMTL-G is defined for real task gradients, got "
+                        f"dtype {x.dtype}; pass the Gramian of the real gradients")
+
+
+def relative_cutoff(value: Any, name: str) -> float:
+    """A relative cut-off given as a Python number in [0, 1) (never a tensor: no value reads)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be None (the default for the Gramian's dtype) or a number "
+                        f"in [0, 1), got {type(value).__name__}")
+    value = float(value)
+    if not 0.0 <= value < 1.0:  # NaN fails this too
+        raise ValueError(f"{name} must be None (the default for the Gramian's dtype) or a number "
+                         f"in [0, 1), got {value}")
+    return value
+
+
+def jacobian_leaf(x: Any, where: str) -> None:
+    """A Jacobian leaf must be a real floating tensor (IMTL's gradients are real)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: every Jacobian leaf must be a tensor of shape [T, ...], got "
+                        f"{type(x).__name__}")
+    if x.is_complex():
+        raise TypeError(f"{where}: task gradients must be real (IMTL is not defined for complex "
+                        f"gradients), got a Jacobian leaf of dtype {x.dtype}; view complex "
+                        "parameters as real ones (torch.view_as_real) before differentiating")
+    if not x.is_floating_point():
+        raise TypeError(f"{where}: Jacobian leaves must be floating point, got dtype {x.dtype}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from imtl_func import _checks
 from imtl_func._tree import PyTree, leaves
 
 __all__ = ["gramian"]
@@ -14,8 +15,13 @@ def gramian(jac: PyTree) -> Tensor:
     """Gramian ``K = J Jᵀ`` of a stacked pytree Jacobian, as a sum of per-leaf Gramians.
 
     Args:
-        jac: pytree whose leaves have shape ``[T, *leaf_shape]`` (row t is the gradient of task t
-            with respect to that leaf).
+        jac: pytree whose leaves are real floating tensors of shape ``[T, *leaf_shape]`` (row t
+            is the gradient of task t with respect to that leaf).
+
+    Raises:
+        TypeError: a leaf is not a tensor, is complex (IMTL is defined for real gradients) or is
+            not floating point.
+        ValueError: no leaves, or leaves without the same leading task axis.
 
     Returns:
         ``[T, T]`` tensor ``K_ij = Σ_leaves <J_i, J_j>`` in the widest leaf dtype (at least
@@ -26,6 +32,8 @@ def gramian(jac: PyTree) -> Tensor:
     rows = leaves(jac)
     if not rows:
         raise ValueError("gramian: the Jacobian pytree has no tensor leaves")
+    for j in rows:
+        _checks.jacobian_leaf(j, "gramian")
     num_tasks = rows[0].shape[0] if rows[0].dim() > 0 else 0
     total: Tensor | None = None
     out_dtype = torch.float32

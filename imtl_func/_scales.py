@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from imtl_func import _checks
+from imtl_func._weighting import EmptyState
 
 __all__ = [
     "AdamState",
@@ -63,10 +64,6 @@ class ScaleRule(NamedTuple):
 
     init: Callable[[Tensor], NamedTuple]
     update: Callable[[Tensor, NamedTuple], tuple[Tensor, NamedTuple]]
-
-
-class EmptyState(NamedTuple):
-    """State of a rule that keeps none."""
 
 
 class NewtonState(NamedTuple):

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["EmptyStats", "Weighting", "equal", "weighting"]
+__all__ = ["EmptyState", "EmptyStats", "Weighting", "equal", "weighting"]
 
 
 class EmptyStats(NamedTuple):
@@ -44,12 +44,12 @@ class Weighting(NamedTuple):
     uniform: bool = False
 
 
-class _NoState(NamedTuple):
-    pass
+class EmptyState(NamedTuple):
+    """State of a weighting or a scale rule that keeps none."""
 
 
-def _no_state(num_tasks: int, device: torch.device | None) -> _NoState:
-    return _NoState()
+def _no_state(num_tasks: int, device: torch.device | None) -> EmptyState:
+    return EmptyState()
 
 
 def weighting(fn: Callable[[Tensor, Tensor], Any], *, needs_gramian: bool = True) -> Weighting:

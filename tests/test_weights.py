@@ -11,6 +11,7 @@ from hypothesis import assume, given, settings
 from reference import paper_alpha
 
 import imtl_func as imtl
+from imtl_func._imtl_g import default_rtol
 
 F64 = torch.float64
 SETTINGS = settings(max_examples=100, deadline=None)
@@ -260,3 +261,249 @@ def test_t_from_one_to_sixteen_in_float32_gramian(t):
     r = imtl.imtl_g_weights(g @ g.T)
     assert r.alpha.dtype == torch.float32
     assert math.isclose(r.alpha.sum().item(), 1.0, rel_tol=1e-5)
+
+
+# ---------------------------------------------------------------- every dtype, every Gramian
+
+HALF = (torch.float16, torch.bfloat16)
+DTYPES = (*HALF, torch.float32, F64)
+GOLDEN = torch.tensor([[18.0, -22.0], [-22.0, 38.0]], dtype=F64)  # J Jᵀ of test_golden_two_tasks
+GOLDEN_ALPHA = torch.tensor([0.59233, 0.40767], dtype=F64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", [1, 2, 5, 16])
+def test_identity_gramian_in_every_dtype(dtype, t):
+    """Orthogonal unit gradients: equal weights. A bfloat16 cut-off of 30·T·eps (1.17 at T = 5)
+    used to call this degenerate."""
+    r = imtl.imtl_g_weights(torch.eye(t, dtype=dtype))
+    assert not r.degenerate and r.psd and r.finite
+    torch.testing.assert_close(r.alpha, torch.full((t,), 1 / t, dtype=dtype))  # dtype's rtol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_golden_gramian_in_every_dtype(dtype):
+    r = imtl.imtl_g_weights(GOLDEN.to(dtype))
+    assert not r.degenerate
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(r.alpha.double(), GOLDEN_ALPHA, atol=max(eps, 1e-5), rtol=0)
+
+
+def test_default_rtol():
+    eps = {d: torch.finfo(d).eps for d in DTYPES}
+    assert default_rtol(F64, 2) == 60 * eps[F64]
+    assert default_rtol(torch.float32, 2) == 60 * eps[torch.float32]
+    assert default_rtol(torch.float32, 1) == default_rtol(torch.float32, 2)
+    # Half precision: √T ulps of the dtype, the rounding of the stored cosines.
+    assert default_rtol(torch.bfloat16, 5) == pytest.approx(math.sqrt(5) * 2**-7)  # 0.035
+    assert default_rtol(torch.float16, 16) == pytest.approx(4 * 2**-10)
+    assert default_rtol(torch.bfloat16, 10_000) == 0.1  # capped well below 1
+    with pytest.raises(ValueError, match="num_tasks must be a positive int, got 0"):
+        default_rtol(F64, 0)
+    with pytest.raises(TypeError, match=r"dtype must be a floating torch\.dtype, got torch\.int32"):
+        default_rtol(torch.int32, 2)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_parallel_and_opposite_gradients(dtype):
+    """The cut-off still drops the rounding noise of exactly parallel or opposite gradients."""
+    g = torch.tensor([[1.0, 2.0, 3.0], [0.3, -1.0, 0.5]], dtype=F64)
+    eps = torch.finfo(dtype).eps
+    for factor in (3.0, 0.7, -3.0, -0.7):
+        j = torch.cat([g, factor * g[:1]])
+        r64 = imtl.imtl_g_weights(j @ j.T)
+        r = imtl.imtl_g_weights((j @ j.T).to(dtype))
+        assert r.psd and bool(r.degenerate) == bool(r64.degenerate) == (factor < 0)
+        torch.testing.assert_close(r.alpha.double(), r64.alpha, atol=4 * eps, rtol=0)
+        if factor > 0:  # g_1 and g_3 = factor · g_1 get weights in proportion factor : 1
+            torch.testing.assert_close(r64.alpha[0], factor * r64.alpha[2])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("where", ["off-diagonal", "diagonal", "everywhere"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_non_finite_gramian_gives_zero_weights_and_a_flag(bad, where, dtype):
+    """Used to raise torch.linalg.LinAlgError (NaN or inf off the diagonal)."""
+    k = GOLDEN.to(dtype).clone()
+    if where == "off-diagonal":
+        k[0, 1] = bad
+    elif where == "diagonal":
+        k[1, 1] = bad
+    else:
+        k.fill_(bad)
+    r = imtl.imtl_g_weights(k)
+    assert not r.finite and not r.psd and r.degenerate
+    assert torch.equal(r.alpha, torch.zeros(2, dtype=dtype)) and r.projection == 0
+    assert torch.isnan(r.cosine).all()  # unknown, not 0
+    if where == "off-diagonal":  # the norms are still read from the diagonal
+        torch.testing.assert_close(r.norm.double(), GOLDEN.diagonal().sqrt(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("power", [-1069, -1060, -1040, -1000, -600, 0, 600, 1000, 1018])
+def test_scale_from_subnormal_to_overflow(power):
+    """2^power · K is exact in float64 (subnormal below 2^-1022); α is unchanged and c scales by
+    √(2^power). Subnormal products n_i n_j used to bend the cosines, and K + Kᵀ to overflow."""
+    unit = imtl.imtl_g_weights(GOLDEN)
+    half = power // 2
+    k = GOLDEN * 2.0**half * 2.0 ** (power - half)  # two factors: 2^±1069 itself overflows
+    assert torch.equal(k * 2.0**-half * 2.0 ** (half - power), GOLDEN)  # exact
+    r = imtl.imtl_g_weights(k)
+    assert not r.degenerate and r.psd
+    torch.testing.assert_close(r.alpha, unit.alpha, rtol=4e-16, atol=0)
+    torch.testing.assert_close(r.projection, unit.projection * 2.0 ** (power / 2), rtol=4e-16,
+                               atol=0)
+    torch.testing.assert_close(r.cosine, unit.cosine, rtol=4e-16, atol=0)
+
+
+def test_subnormal_gramian_of_three_tasks_has_equal_projections():
+    """A float64 Gramian at 1e-315: the projections (K α)_t / n_t on the Gramian as given are
+    equal to float64 precision (they differed by 1e-4 relative before the rescaling)."""
+    j = torch.tensor([[-1.1, -1.8, 0.8], [-0.6, -0.6, 0.3], [-1.2, -0.4, -0.1]], dtype=F64)
+    unit = j @ j.T
+    k = unit * 1e-315  # rounded to subnormals: a slightly different Gramian
+    r = imtl.imtl_g_weights(k)
+    assert not r.degenerate
+    exact = k * 2.0**537 * 2.0**537  # exact rescaling of the Gramian as given
+    proj = exact @ r.alpha / exact.diagonal().sqrt()
+    assert (proj.max() - proj.min()) / proj.abs().max() < 1e-13
+    torch.testing.assert_close(r.alpha, paper_alpha(j), rtol=1e-4, atol=0)  # input rounding
+
+
+@pytest.mark.parametrize(("k", "why"), [
+    ([[1.0, 0.0], [0.0, -0.5]], "negative diagonal"),
+    ([[1.0, 1.5], [1.5, 1.0]], "cosine 1.5"),
+    ([[4.0, -2.1], [-2.1, 1.0]], "cosine -1.05"),
+    ([[0.0, 1.0], [1.0, 1.0]], "inner product with a zero gradient"),
+    ([[1.0, 0.9, 0.9], [0.9, 1.0, -0.9], [0.9, -0.9, 1.0]], "indefinite, |cosines| < 1"),
+    ([[-1.0]], "one negative task"),
+])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_not_positive_semidefinite_is_flagged(k, why, dtype):
+    """Each of these used to give weights (e.g. [0, 1] for the zero-gradient one)."""
+    r = imtl.imtl_g_weights(torch.tensor(k, dtype=dtype))
+    assert r.finite and not r.psd and r.degenerate, why
+    assert torch.equal(r.alpha, torch.zeros(len(k), dtype=dtype)) and r.projection == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rounding_beyond_cauchy_schwarz_is_tolerated(dtype):
+    """Parallel gradients whose rounded Gramian says cos = 1 + 1 ulp are a Gramian."""
+    eps = torch.finfo(dtype).eps
+    k = torch.tensor([[1.0, 2 * (1 + eps)], [2 * (1 + eps), 4.0]], dtype=dtype)
+    r = imtl.imtl_g_weights(k)
+    assert r.psd and not r.degenerate
+    torch.testing.assert_close(r.alpha.double(), torch.tensor([2 / 3, 1 / 3], dtype=F64),
+                               atol=2 * eps, rtol=0)
+    # A zero gradient whose diagonal came out at -1e-20 (e.g. K = A - B) is a zero gradient.
+    r = imtl.imtl_g_weights(torch.tensor([[1.0, 0.0], [0.0, -1e-20]], dtype=F64))
+    assert r.psd and torch.equal(r.alpha, torch.tensor([1.0, 0.0], dtype=F64))
+
+
+def test_float32_gramian_of_long_parallel_gradients_is_a_gramian():
+    """Accumulating a million products in float32 moves cos past 1 by ~12 ulps: still PSD."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(10**6, generator=gen)
+    for factor in (3.0, 1 / 3, 1.1):
+        r = imtl.imtl_g_weights(imtl.gramian(torch.stack([g, factor * g])))
+        assert r.psd and not r.degenerate
+        torch.testing.assert_close(
+            r.alpha.double(), torch.tensor([factor, 1], dtype=F64) / (1 + factor), rtol=1e-5,
+            atol=0)
+
+
+def _nearly_unbounded(delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Gramian with cond(C) = 12 and Σw = delta · Σ|w|, and its weights (Σ|α| = 1/delta)."""
+    c = torch.tensor([[1.0, 0.6, 0.6], [0.6, 1.0, 0.0], [0.6, 0.0, 1.0]], dtype=F64)
+    beta = torch.linalg.solve(c, torch.ones(3, dtype=F64))  # (-5/7, 10/7, 10/7)
+    n = torch.tensor([-beta[0] * (1 + delta) / (2 * beta[1] * (1 - delta)), 1.0, 1.0],
+                     dtype=F64)
+    w = beta / n
+    return c * n[:, None] * n[None, :], w / w.sum()
+
+
+@pytest.mark.parametrize(("dtype", "delta", "degenerate"), [
+    (torch.float16, 1e-2, True), (torch.bfloat16, 1e-1, True), (torch.float16, 1e-1, False),
+    (torch.float32, 1e-4, False), (F64, 1e-6, False),
+])
+def test_projection_unbounded_within_rounding_is_degenerate(dtype, delta, degenerate):
+    """|Σw| below twice its rounding error: not even the sign of c is known, so α = 0.
+    (A float16 Gramian with |Σw| / Σ|w| = 1e-2 used to give α 8 % off, unflagged.)"""
+    k, alpha = _nearly_unbounded(delta)
+    r = imtl.imtl_g_weights(k.to(dtype))
+    assert r.psd and bool(r.degenerate) == degenerate
+    if not degenerate:  # relative error ~ 12 · eps / delta
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(r.alpha.double(), alpha, rtol=0,
+                                   atol=100 * eps / delta * alpha.abs().max())
+
+
+# ---------------------------------------------------------------- argument errors
+
+
+@pytest.mark.parametrize(("rtol", "error", "message"), [
+    (-1, ValueError, r"rtol must be None \(the default for the Gramian's dtype\) or a number in "
+                     r"\[0, 1\), got -1.0"),
+    (1.0, ValueError, r"got 1.0"),
+    (math.nan, ValueError, r"in \[0, 1\), got nan"),
+    (math.inf, ValueError, r"in \[0, 1\), got inf"),
+    ("1e-6", TypeError, r"rtol must be None \(the default for the Gramian's dtype\) or a number "
+                        r"in \[0, 1\), got str"),
+    (True, TypeError, "got bool"),
+    (torch.tensor(1e-6), TypeError, "got Tensor"),
+])
+def test_rtol_errors(rtol, error, message):
+    with pytest.raises(error, match=message):
+        imtl.imtl_g_weights(torch.eye(2), rtol=rtol)
+
+
+def test_rtol_accepts_python_numbers():
+    for rtol in (0, 0.0, 1e-3, 0.5):
+        assert not imtl.imtl_g_weights(torch.eye(3), rtol=rtol).degenerate
+
+
+def test_complex_gramian_is_refused():
+    with pytest.raises(TypeError, match=r"gramian must be real: IMTL-G is defined for real task "
+                                        r"gradients, got dtype torch.complex64"):
+        imtl.imtl_g_weights(torch.eye(2, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize(("leaf", "message"), [
+    (torch.ones(2, 3, dtype=torch.complex64),
+     r"gramian: task gradients must be real \(IMTL is not defined for complex gradients\), got "
+     r"a Jacobian leaf of dtype torch.complex64; view complex parameters as real ones"),
+    (torch.ones(2, 3, dtype=torch.int64),
+     "gramian: Jacobian leaves must be floating point, got dtype torch.int64"),
+    (torch.ones(2, 3, dtype=torch.bool), "got dtype torch.bool"),
+    (1.5, r"gramian: every Jacobian leaf must be a tensor of shape \[T, ...\], got float"),
+])
+def test_gramian_refuses_complex_integer_and_non_tensor_leaves(leaf, message):
+    """A complex Jacobian used to give J Jᵀ without conjugation (a negative diagonal)."""
+    with pytest.raises(TypeError, match=message):
+        imtl.gramian({"w": torch.ones(2, 3), "b": leaf})
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def test_compiled_weights_match_eager_on_every_kind_of_gramian():
+    """One graph (fullgraph=True, Inductor) for finite, non-finite, subnormal, huge and
+    non-PSD float64 Gramians of one shape: the same weights and flags as eager."""
+    torch._dynamo.reset()
+    compiled = torch.compile(imtl.imtl_g_weights, fullgraph=True)
+    j = torch.tensor([[-1.1, -1.8, 0.8], [-0.6, -0.6, 0.3], [-1.2, -0.4, -0.1]], dtype=F64)
+    unit = j @ j.T
+    nan_off = unit.clone()
+    nan_off[0, 2] = math.nan
+    inf_diag = unit.clone()
+    inf_diag[1, 1] = math.inf
+    cases = [unit, unit * 1e-315, unit * 2.0**1020, nan_off, inf_diag,
+             torch.tensor([[1.0, 0.9, 0.9], [0.9, 1.0, -0.9], [0.9, -0.9, 1.0]], dtype=F64),
+             torch.zeros(3, 3, dtype=F64)]
+    try:
+        for k in cases:
+            e, c = imtl.imtl_g_weights(k), compiled(k)
+            for name, x, y in zip(e._fields, e, c, strict=True):
+                torch.testing.assert_close(y, x, rtol=1e-12, atol=0, equal_nan=True, msg=name)
+        assert compiled(cases[1]).psd and not compiled(cases[3]).finite
+    finally:
+        torch._dynamo.reset()
