@@ -77,7 +77,7 @@ def imtl_g_weights(gramian: Tensor, *, rtol: float | None = None) -> GWeights:
     Args:
         gramian: ``[T, T]`` symmetric positive semi-definite matrix ``K_ij = <g_i, g_j>``.
         rtol: relative cut-off for small eigenvalues of ``C`` in the pseudo-inverse; default
-            :func:`default_rtol` of the Gramian's dtype (``30 · T`` ulps: 1.3e-14 for float64
+            ``30 · T · eps`` of the Gramian's dtype (``30 · T`` ulps: 1.3e-14 for float64
             and 7.2e-6 for float32 at T = 2), so that the rounding noise of exactly parallel or
             opposite gradients is not inverted.
 
