@@ -40,7 +40,10 @@ def gate(proposal: Proposal, state: IMTLState, grads: PyTree = None
         bad_gramian = torch.zeros_like(bad_scales)
     else:
         bad = ~torch.isfinite(proposal.gramian)
-        bad_gramian = bad.any(0) | bad.any(1)
+        # A task whose own entry K_tt is not finite is to blame for its whole row; rows with a
+        # bad entry count only when no diagonal entry explains it (an overflowing product).
+        diagonal = bad.diagonal()
+        bad_gramian = diagonal | (bad.any(1) & ~diagonal.any())
     bad_grads = ~all_finite(grads).to(bad_scales.device)
     bad_state = ~all_finite(proposal.state).to(bad_scales.device)
     finite = ~(bad_losses.any() | bad_scales.any() | bad_gramian.any() | bad_grads | bad_state)

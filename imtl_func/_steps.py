@@ -59,6 +59,7 @@ class Step:
 
     def __call__(self, shared_params: PyTree, task_params: PyTree, state: IMTLState,
                  *batch: Any) -> StepResult:
+        self.transform.check_state(state)
         return self._fn(shared_params, task_params, state, *batch)
 
 
@@ -164,13 +165,14 @@ def mtl_value_and_grad(
         _checks.params(task_params, "task_params")
 
         def enc(p: PyTree) -> Any:
-            return encode(p, *batch)
+            out = encode(p, *batch)
+            _checks.params(out[0] if encoder_has_aux else out, "the features returned by encode")
+            return out
 
         if encoder_has_aux:
             features, enc_pullback, enc_aux = vjp(enc, _detached(shared_params), has_aux=True)
         else:
             (features, enc_pullback), enc_aux = vjp(enc, _detached(shared_params)), None
-        _checks.params(features, "the features returned by encode")
         if heads is not None:
             return _per_task(tx, heads, features, enc_pullback, enc_aux if encoder_has_aux
                              else None, encoder_has_aux, task_params, state, batch, reduce)

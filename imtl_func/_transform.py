@@ -132,12 +132,18 @@ class Transform(NamedTuple):
             loss scales (``g_t = e^{s_t} ∇ℓ_t``).
         weighting: the :class:`~imtl_func.Weighting`.
         scale_rule: the :class:`~imtl_func.ScaleRule`, or None for no loss scales.
+        state_spec: what a state of this transform holds (to refuse a foreign one).
     """
 
     init: Callable[..., IMTLState]
     propose: Callable[..., Proposal]
     weighting: Weighting
     scale_rule: ScaleRule | None
+    state_spec: _checks.StateSpec
+
+    def check_state(self, state: object) -> None:
+        """Raise a clear error unless ``state`` is a state this transform made."""
+        _checks.state(state, self.state_spec)
 
     @property
     def needs_gramian(self) -> bool:
@@ -258,7 +264,7 @@ def transform(weighting: Weighting, scale_rule: ScaleRule | None = None) -> Tran
         return Proposal(TaskWeights(shared, scale), IMTLState(new_s, rule_state, w_state), info,
                         losses, k)
 
-    return Transform(init, propose, weighting, rule)
+    return Transform(init, propose, weighting, rule, spec)
 
 
 def _state_spec(weighting: Weighting, rule: ScaleRule | None) -> _checks.StateSpec:

@@ -224,18 +224,21 @@ class IMTL(nn.Module):
         self.active: tuple[bool, ...] = ()
         self._state_spec: Any = None
         dtype = torch.get_default_dtype()
-        if not self._tx.learns_scales:
-            self.register_parameter("log_scale", None)
-        elif self._owns_rule:
+        if self._owns_rule:
             if num_losses is None:
                 raise ValueError("IMTL with a Transform needs num_losses (or init_loss): the "
-                                 "scale rule's state is created with the module")
+                                 "transform's state is created with the module")
             state = self._tx.init(num_losses, log_scale=init_loss, dtype=dtype)
-            self.register_buffer("log_scale", state.log_scale)
+            if self._tx.learns_scales:
+                self.register_buffer("log_scale", state.log_scale)
+            else:
+                self.register_parameter("log_scale", None)
             parts, self._state_spec = optree.tree_flatten(
                 (state.rule_state, state.weighting_state), none_is_leaf=False)
             for i, x in enumerate(parts):
                 self.register_buffer(f"_state_{i}", x)
+        elif not self._tx.learns_scales:
+            self.register_parameter("log_scale", None)
         elif num_losses is None:
             self.log_scale = UninitializedParameter(dtype=dtype)
         else:
@@ -411,7 +414,8 @@ class IMTL(nn.Module):
 
     @torch.no_grad()
     def _store(self, state: IMTLState) -> None:
-        self.log_scale.copy_(state.log_scale)
+        if self.log_scale is not None:
+            self.log_scale.copy_(state.log_scale)
         parts = optree.tree_leaves((state.rule_state, state.weighting_state), none_is_leaf=False)
         for i, x in enumerate(parts):
             getattr(self, f"_state_{i}").copy_(x)
