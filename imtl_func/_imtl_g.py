@@ -125,7 +125,7 @@ def imtl_g_weights(gramian: Tensor, *, rtol: float | None = None) -> GWeights:
         gramian: ``[T, T]`` real symmetric positive semi-definite matrix ``K_ij = <g_i, g_j>``
             of any floating dtype (its entries accumulated in float32 at least).
         rtol: relative cut-off for small eigenvalues of ``C`` in the pseudo-inverse, a number in
-            [0, 1); default :func:`default_rtol` of the Gramian's dtype (``30 · T`` float32 or
+            [0, 1); default from the Gramian's dtype (``30 · T`` float32 or
             float64 ulps, at least ``√T`` ulps of the dtype, at most 0.1), so that the rounding
             noise of exactly parallel or opposite gradients is not inverted.
 

@@ -52,7 +52,9 @@ def task_jacobian(
         fn: ``fn(params, *args) -> losses [T]``.
         params: pytree of floating tensors (parameters, or a feature tensor / pytree of them).
         *args: passed to ``fn`` unchanged and not differentiated.
-        chunk_size: see :func:`pullback_rows`.
+        chunk_size: rows of the batched backward per ``vmap`` call; ``None`` maps all T rows
+            at once, ``k`` maps k rows at a time (bounds memory), ``1`` is a plain Python loop
+            (for operations without a batching rule).
 
     Returns:
         ``(losses, jac)``: ``losses`` ``[T]`` (detached), and ``jac`` with the structure of

@@ -88,7 +88,7 @@ class Info(NamedTuple):
         held: ``[T]`` bool; tasks whose scale was held this step because their loss was not
             positive and finite (IMTL-L needs ``ℓ > 0``: offset such a loss to keep it positive).
         finite: ``[]`` bool; False when the gate tripped: gradients are zero and the state is
-            unchanged. Skip the optimizer step (:func:`imtl_func.apply_updates` does).
+            unchanged. Skip the optimizer step.
         nonfinite: :class:`NonFinite`, what was not finite and for which tasks.
     """
 

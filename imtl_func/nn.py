@@ -13,7 +13,8 @@ gradient into ``.grad``::
     optimizer.step(); optimizer.zero_grad()
 
 The math is the functional core's: :func:`imtl_func.gramian` of the task gradients and
-``imtl_func.transform(method).update`` for the weights. The module only moves tensors between the
+the weighting of ``imtl_func.preset(method)`` (or of the given transform) for the weights, through
+the same finiteness gate as the steps. The module only moves tensors between the
 existing autograd graph and the core: one batched backward pass (``is_grads_batched=True``) gives
 all T task gradients, one ``torch.autograd.backward`` writes the result.
 """
