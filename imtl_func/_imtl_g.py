@@ -81,7 +81,7 @@ class GWeights(NamedTuple):
             rounding: no diagonal entry below ``-tol · max K_tt``, no inner product beyond
             Cauchy–Schwarz by more than ``tol``, and no eigenvalue of the cosine matrix below
             ``-tol`` times its largest one, with ``tol`` the larger of ``rtol`` and
-            :func:`default_rtol`.
+            the default cut-off.
     """
 
     alpha: Tensor
