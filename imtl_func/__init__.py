@@ -8,6 +8,8 @@
   :func:`scale_newton`, :func:`scale_adam`, :func:`scale_sgd`, :func:`scale_frozen`.
 * Building blocks: :func:`task_jacobian`, :func:`gramian`, :func:`imtl_g_weights`,
   :func:`scale_losses`, :func:`scale_grad`.
+* :func:`apply_updates`: hand a step's result to a ``torch.optim`` optimizer (skipping the
+  step when it was not finite); :func:`amp_scale`: float16 loss scaling with ``GradScaler``.
 * :mod:`imtl_func.nn`: a stateful ``nn.Module`` for ordinary PyTorch loops;
   :mod:`imtl_func.distributed`: data parallelism.
 """
@@ -16,6 +18,7 @@ from imtl_func import distributed, nn
 from imtl_func._gramian import gramian
 from imtl_func._imtl_g import GWeights, IMTLGStats, imtl_g, imtl_g_weights
 from imtl_func._jacobian import task_jacobian
+from imtl_func._optim import amp_scale, apply_updates
 from imtl_func._pipeline import Grads, Losses, StepResult
 from imtl_func._presets import preset
 from imtl_func._scales import (
@@ -53,6 +56,8 @@ __all__ = [
     "TaskWeights",
     "Transform",
     "Weighting",
+    "amp_scale",
+    "apply_updates",
     "distributed",
     "equal",
     "gramian",

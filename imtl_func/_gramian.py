@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from imtl_func import _checks
-from imtl_func._tree import PyTree, leaves
+from imtl_func._tree import PyTree, leaves, no_autocast
 
 __all__ = ["gramian"]
 
@@ -25,9 +25,10 @@ def gramian(jac: PyTree) -> Tensor:
 
     Returns:
         ``[T, T]`` tensor ``K_ij = Σ_leaves <J_i, J_j>`` in the widest leaf dtype (at least
-        float32). Each leaf's product runs in the leaf's dtype (float32 for half precision), the
-        sum over leaves in float64. The T × P matrix of all leaves side by side is never formed.
-        The dtype tells :func:`imtl_g_weights` the rounding level of the entries.
+        float32). Each leaf's product runs in the leaf's dtype (float32 for half precision, also
+        under ``torch.autocast``), the sum over leaves in float64. The T × P matrix of all
+        leaves side by side is never formed. The dtype tells :func:`imtl_g_weights` the
+        rounding level of the entries.
     """
     rows = leaves(jac)
     if not rows:
@@ -47,7 +48,8 @@ def gramian(jac: PyTree) -> Tensor:
         if flat.dtype in (torch.float16, torch.bfloat16):
             flat = flat.float()
         out_dtype = torch.promote_types(out_dtype, flat.dtype)
-        part = (flat @ flat.mT).to(torch.float64)
+        with no_autocast(flat):
+            part = (flat @ flat.mT).to(torch.float64)
         total = part if total is None else total + part
     assert total is not None
     return total.to(out_dtype)

@@ -21,12 +21,23 @@ def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
     return optree.tree_map(fn, tree, *rest, none_is_leaf=False)
 
 
+def no_autocast(x: Tensor) -> torch.autocast:
+    """A context with autocast off on ``x``'s device: IMTL's own products keep their dtype
+    (autocast would run a float32 ``@`` in float16 inside a step called under it)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def contract(weights: Tensor, jac: PyTree) -> PyTree:
-    """``Σ_t weights[t] · jac[t]`` for every leaf of a stacked pytree.
+    """``Σ_t weights[t] · jac[t]`` for every leaf of a stacked pytree, in the leaf's dtype.
 
     weights: [T]; each leaf of ``jac``: [T, *shape]  ->  leaf of shape [*shape].
     """
-    return tree_map(lambda j: torch.tensordot(weights.to(j.dtype), j, dims=1), jac)
+
+    def one(j: Tensor) -> Tensor:
+        with no_autocast(j):
+            return torch.tensordot(weights.to(j.dtype), j, dims=1)
+
+    return tree_map(one, jac)
 
 
 def all_finite(*trees: PyTree) -> Tensor:

@@ -32,6 +32,7 @@ from torch.nn.parameter import UninitializedParameter
 
 from imtl_func import _checks
 from imtl_func._gate import gate
+from imtl_func._optim import scaler_step
 from imtl_func._pipeline import rows_gramian, weigh
 from imtl_func._presets import preset
 from imtl_func._reduce import Reduce
@@ -144,11 +145,11 @@ class IMTL(nn.Module):
 
     If a loss or a task gradient is not finite, nothing is written to ``.grad``, a
     ``RuntimeWarning`` is issued and :attr:`finite` is False: skip ``optimizer.step()`` for that
-    batch (with ``zero_grad(set_to_none=True)``, torch's default, a step over ``None`` gradients
-    does nothing for the parameters IMTL would have updated). The check covers the losses and
-    the task gradients the module computes ('loss' computes none); a NaN produced inside the
-    network's own backward from finite losses reaches ``.grad`` as it would with
-    ``loss.backward()``.
+    batch (:meth:`step` does; with ``zero_grad(set_to_none=True)``, torch's default, a step
+    over ``None`` gradients does nothing for the parameters IMTL would have updated). The
+    check covers the losses and the task gradients the module computes ('loss' computes none);
+    a NaN produced inside the network's own backward from finite losses reaches ``.grad`` as
+    it would with ``loss.backward()``.
 
     The shared tensors (``z`` or the shared parameters) get their gradient through a tensor hook
     that replaces what arrives through the heads by the IMTL combination: a tensor hook the user
@@ -158,6 +159,21 @@ class IMTL(nn.Module):
 
     The returned values are detached numbers for logging (:class:`IMTLOutput`); the backward
     pass has already run, so do not call ``backward()`` on them.
+
+    ``imtl.step(optimizer)`` steps the optimizer unless the last call was not finite (then
+    parameters, moments and step counts stay as they were), in one call.
+
+    float16 mixed precision: pass ``grad_scaler=torch.amp.GradScaler(...)``. The module's own
+    backward then runs with its cotangents multiplied by the scaler's scale ``S`` (what
+    ``scaler.scale(loss).backward()`` does), so every ``.grad`` it writes is ``S`` times the
+    gradient, ready for ``scaler.step(optimizer)`` (or ``imtl.step(optimizer)``) and
+    ``scaler.update()``. ``α`` and :attr:`info` are those of the unscaled task gradients, the
+    loss scales learn from the raw losses (``log_scale.grad`` is ``S (e^{s} ℓ − 1)``, which
+    ``unscale_`` brings back to ``e^{s} ℓ − 1``), and a call that is not finite (e.g. task
+    gradients that overflow at this scale) writes NaN gradients instead of none, without a
+    warning: the scaler skips the step and backs off, as for any overflow. A module with a
+    Transform moves its scales in the call, when IMTL's part is finite, even if the scaler
+    later skips the step for an overflow elsewhere.
 
     Args:
         method: ``'hybrid'`` (IMTL, the paper's Algorithm 1; default), ``'gradient'`` (IMTL-G, no
@@ -177,6 +193,9 @@ class IMTL(nn.Module):
             are summed in one reduction, so α, the scale gradient and :attr:`finite` are those
             of the global batch and the same on every rank; the network's gradients are left to
             ``DistributedDataParallel`` (one backward through it per call).
+        grad_scaler: a ``torch.amp.GradScaler`` for float16 mixed precision (see above); the
+            module reads its scale on every call and never calls its ``step`` or ``update``
+            itself, except through :meth:`step`. A disabled scaler is ignored.
 
     Attributes:
         log_scale: ``[T]`` log-scales ``s``: an ``nn.Parameter`` with a method name, a buffer
@@ -196,10 +215,15 @@ class IMTL(nn.Module):
         *,
         retain_graph: bool = True,
         reduce: Reduce | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         super().__init__()
         self.retain_graph = bool(retain_graph)
         self._reduce = reduce
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError("grad_scaler must be a torch.amp.GradScaler or None, got "
+                            f"{type(grad_scaler).__name__}")
+        self.grad_scaler = grad_scaler
         self._owns_rule = isinstance(method, Transform)
         if isinstance(method, Transform):
             self.method = "transform"
@@ -358,13 +382,18 @@ class IMTL(nn.Module):
         _check_reached(vector, targets, what)
         num_tasks = vector.shape[0]
         sub = _take(state, idx, len(items))
+        amp = self._amp_scale(vector)
         rows, k = None, None
         if self._tx.needs_gramian:
             eye = torch.eye(num_tasks, dtype=vector.dtype, device=vector.device)
+            if amp is not None:  # a diagonal of S, cast once (S·0 in float16 could be NaN)
+                eye = torch.diag(amp.expand(num_tasks)).to(vector.dtype)
             rows = torch.autograd.grad(vector, targets, grad_outputs=eye, retain_graph=True,
                                        is_grads_batched=True, allow_unused=True,
                                        materialize_grads=True)
             k = rows_gramian(rows, num_tasks)
+            if amp is not None:  # the Gramian of the unscaled rows: info as without AMP
+                k = k / amp.to(k.dtype) / amp.to(k.dtype)
         proposal, _ = weigh(self._tx, sub, vector.detach(), num_tasks, k, self._reduce)
         shared = None if rows is None else contract(proposal.weights.shared, rows)
         shared, new_sub, info = gate(proposal, sub, shared)
@@ -372,6 +401,12 @@ class IMTL(nn.Module):
         grad_loss = (info.alpha.to(scaled.dtype) * scaled[idx]).sum()
         out = IMTLOutput(grad_loss, scaled)
         if not bool(info.finite):
+            if amp is not None:
+                # Tell the scaler as an overflowing backward would: NaN in .grad, so that
+                # scaler.step skips the step and scaler.update backs off.
+                torch.autograd.backward([vector], [torch.full_like(vector, float("nan"))],
+                                        retain_graph=self.retain_graph)
+                return out
             warnings.warn("IMTL: a loss, a loss scale or a task gradient is not finite; no .grad "
                           "was written and the scales did not move. Skip optimizer.step() for "
                           "this batch.", RuntimeWarning, stacklevel=3)
@@ -380,12 +415,14 @@ class IMTL(nn.Module):
             self._store(_put(state, new_sub, idx, len(items)))
 
         roots = [vector]
-        cotangents = [proposal.weights.task.to(device=vector.device, dtype=vector.dtype)]
+        cotangents = [_amp(proposal.weights.task, amp).to(device=vector.device,
+                                                          dtype=vector.dtype)]
         if (self.log_scale is not None and self.log_scale.requires_grad
                 and not self._owns_rule):
             roots.append(self.log_scale)
-            cotangents.append(torch.zeros_like(state.log_scale).index_copy(0, idx,
-                                                                          info.scale_grad))
+            # S·(e^s ℓ − 1): the scaler's unscale_ of .grad leaves e^s ℓ − 1 of the raw losses.
+            cotangents.append(_amp(torch.zeros_like(state.log_scale).index_copy(
+                0, idx, info.scale_grad), amp))
         hooks = []
         if shared is not None:
             # The shared tensors receive exactly Σ_t w_shared[t] ∇ℓ_t: a hook replaces whatever
@@ -398,6 +435,32 @@ class IMTL(nn.Module):
             for hook in hooks:
                 hook.remove()
         return out
+
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Step ``optimizer`` unless the last call was not finite; True if it stepped.
+
+        Without a ``grad_scaler``: ``optimizer.step()`` if :attr:`finite`, else nothing (a step
+        over the unchanged ``.grad`` would still move parameters under momentum, Adam's moments
+        or weight decay, and count a step). With one: ``grad_scaler.step(optimizer)``, which
+        unscales ``.grad`` and skips the step on inf or NaN (a call that was not finite wrote
+        NaN); call ``grad_scaler.update()`` after it as usual. Reads :attr:`finite` on the
+        host (one sync, like ``GradScaler.step``).
+        """
+        scaler = self.grad_scaler
+        if scaler is not None and scaler.is_enabled():
+            ran = scaler_step(scaler, optimizer)
+            return ran and self.finite
+        if not self.finite:
+            return False
+        optimizer.step()
+        return True
+
+    def _amp_scale(self, like: Tensor) -> Tensor | None:
+        """The scaler's current scale ``S`` as a ``[]`` float32 tensor (no host sync), or None."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return scaler.scale(torch.ones((), dtype=torch.float32, device=like.device))
 
     def _state(self, like: Tensor) -> IMTLState:
         """The whole [T] state: the log-scales (zeros without scales) and, with a Transform,
@@ -419,6 +482,13 @@ class IMTL(nn.Module):
         parts = optree.tree_leaves((state.rule_state, state.weighting_state), none_is_leaf=False)
         for i, x in enumerate(parts):
             getattr(self, f"_state_{i}").copy_(x)
+
+
+def _amp(cotangent: Tensor, amp: Tensor | None) -> Tensor:
+    """``S · cotangent`` computed in float32 at least, or the cotangent."""
+    if amp is None:
+        return cotangent
+    return cotangent.to(torch.promote_types(cotangent.dtype, torch.float32)) * amp
 
 
 def _take(tree: Any, idx: Tensor, size: int) -> Any:
