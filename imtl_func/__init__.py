@@ -8,11 +8,13 @@
   :func:`scale_newton`, :func:`scale_adam`, :func:`scale_sgd`, :func:`scale_frozen`.
 * Building blocks: :func:`task_jacobian`, :func:`gramian`, :func:`imtl_g_weights`,
   :func:`scale_losses`, :func:`scale_grad`.
+* :func:`accumulate`: exact gradient accumulation (the step of one big batch from micro-batches).
 * :mod:`imtl_func.nn`: a stateful ``nn.Module`` for ordinary PyTorch loops;
   :mod:`imtl_func.distributed`: data parallelism.
 """
 
 from imtl_func import distributed, nn
+from imtl_func._accumulate import AccumulatedStats, AccumulationPlan, Accumulator, accumulate
 from imtl_func._gramian import gramian
 from imtl_func._imtl_g import GWeights, IMTLGStats, imtl_g, imtl_g_weights
 from imtl_func._jacobian import task_jacobian
@@ -37,6 +39,9 @@ from imtl_func._weighting import EmptyStats, Weighting, equal, weighting
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccumulatedStats",
+    "AccumulationPlan",
+    "Accumulator",
     "AdamState",
     "EmptyState",
     "EmptyStats",
@@ -54,6 +59,7 @@ __all__ = [
     "TaskWeights",
     "Transform",
     "Weighting",
+    "accumulate",
     "distributed",
     "equal",
     "gramian",
