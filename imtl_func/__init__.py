@@ -10,11 +10,13 @@
   :func:`scale_losses`, :func:`scale_grad`.
 * :func:`apply_updates`: hand a step's result to a ``torch.optim`` optimizer (skipping the
   step when it was not finite); :func:`amp_scale`: float16 loss scaling with ``GradScaler``.
+* :func:`accumulate`: exact gradient accumulation (the step of one big batch from micro-batches).
 * :mod:`imtl_func.nn`: a stateful ``nn.Module`` for ordinary PyTorch loops;
   :mod:`imtl_func.distributed`: data parallelism.
 """
 
 from imtl_func import distributed, nn
+from imtl_func._accumulate import AccumulatedStats, AccumulationPlan, Accumulator, accumulate
 from imtl_func._gramian import gramian
 from imtl_func._imtl_g import GWeights, IMTLGStats, imtl_g, imtl_g_weights
 from imtl_func._jacobian import task_jacobian
@@ -39,6 +41,9 @@ from imtl_func._version import __version__ as __version__
 from imtl_func._weighting import EmptyStats, Weighting, equal, weighting
 
 __all__ = [
+    "AccumulatedStats",
+    "AccumulationPlan",
+    "Accumulator",
     "AdamState",
     "EmptyState",
     "EmptyStats",
@@ -56,6 +61,7 @@ __all__ = [
     "TaskWeights",
     "Transform",
     "Weighting",
+    "accumulate",
     "amp_scale",
     "apply_updates",
     "distributed",

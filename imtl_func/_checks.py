@@ -241,3 +241,39 @@ def jacobian_leaf(x: Any, where: str) -> None:
                         "parameters as real ones (torch.view_as_real) before differentiating")
     if not x.is_floating_point():
         raise TypeError(f"{where}: Jacobian leaves must be floating point, got dtype {x.dtype}")
+
+def micro_batch_weight(value: Any) -> Tensor | float:
+    """A micro-batch's weight in an accumulated step: a number > 0 or a real scalar tensor."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"weight must be a number > 0 or a real scalar tensor (e.g. the "
+                             f"micro-batch's size), got a {value.dtype} tensor of shape "
+                             f"{tuple(value.shape)}")
+        return value
+    return finite_float(value, "weight", positive=True)
+
+
+def micro_batches(value: Any) -> list[tuple[Any, ...]]:
+    """The micro-batches of an accumulated step: a non-empty list (read twice) of tuples."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError("micro_batches must be a list of micro-batches (each a tuple of the "
+                        "step's batch arguments); it is read twice, so not an iterator, got "
+                        f"{type(value).__name__}")
+    if not value:
+        raise ValueError("micro_batches is empty: pass at least one micro-batch")
+    for m, batch in enumerate(value):
+        if not isinstance(batch, (list, tuple)):
+            raise TypeError(f"micro_batches[{m}] must be a tuple of the step's batch arguments, "
+                            f"e.g. (x, y); got {type(batch).__name__} (wrap a single argument "
+                            "as (x,))")
+    return [tuple(b) for b in value]
+
+
+def micro_batch_weights(value: Any, count: int) -> list[Any]:
+    """One weight per micro-batch (see :func:`micro_batch_weight`)."""
+    if isinstance(value, Tensor):
+        value = list(value.unbind(0)) if value.dim() == 1 else [value]
+    if not isinstance(value, (list, tuple)) or len(value) != count:
+        got = len(value) if isinstance(value, (list, tuple)) else type(value).__name__
+        raise ValueError(f"weights must hold one weight per micro-batch ({count}), got {got}")
+    return [micro_batch_weight(w) for w in value]

@@ -14,7 +14,7 @@ Both are pure functions of their inputs, traceable by ``torch.compile(fullgraph=
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,6 +40,18 @@ from imtl_func._tree import PyTree, tree_map
 __all__ = ["Step", "mtl_value_and_grad", "value_and_grad"]
 
 
+class FeatureSpec(NamedTuple):
+    """What a feature-level step was built from (read by :func:`imtl_func.accumulate`)."""
+
+    encode: Callable[..., Any]
+    decode: Callable[..., Any]
+    heads: tuple[Callable[..., Tensor], ...] | None
+    encoder_has_aux: bool
+    has_aux: bool
+    chunk_size: int | None
+    reduce: _reduce.Reduce | None
+
+
 class Step:
     """A one-call IMTL step and the transform it runs.
 
@@ -47,10 +59,12 @@ class Step:
     the state it expects. ``torch.compile(step)`` compiles the call.
     """
 
-    def __init__(self, fn: Callable[..., StepResult], tx: Transform, name: str) -> None:
+    def __init__(self, fn: Callable[..., StepResult], tx: Transform, name: str,
+                 feature: FeatureSpec | None = None) -> None:
         self._fn = fn
         self.transform = tx
         self.__name__ = name
+        self._feature = feature  # what imtl_func.accumulate rebuilds; None: parameter level
 
     def init(self, num_tasks: int, **kwargs: Any) -> IMTLState:
         """The initial state: ``self.transform.init(num_tasks, log_scale=None,
@@ -201,7 +215,8 @@ def mtl_value_and_grad(
         aux = None if not (encoder_has_aux or has_aux) else (enc_aux, dec_aux)
         return finish(proposal, state, grads, aux, num_tasks)
 
-    return Step(step, tx, "mtl_value_and_grad")
+    return Step(step, tx, "mtl_value_and_grad", FeatureSpec(
+        encode, decode, heads, encoder_has_aux, has_aux, chunk_size, reduce))
 
 
 def _cot(weights: Tensor, vector: Tensor) -> Tensor:
