@@ -258,9 +258,11 @@ def transform(weighting: Weighting, scale_rule: ScaleRule | None = None) -> Tran
             norm, cosine = nan.expand(num_tasks), nan.expand(num_tasks, num_tasks)
         alpha = alpha.to(torch.float64)
         shared = alpha if (prescaled or not learns) else alpha * scale64
-        no = torch.zeros((), dtype=torch.bool, device=s.device)
-        info = Info(alpha.to(s.dtype), scale, sgrad, norm, cosine, stats, held, no,
-                    NonFinite(held & no, held & no, held & no, no, no))
+        # finite / nonfinite are the gate's to fill in.
+        per_task, whole = torch.zeros_like(held), torch.zeros((), dtype=torch.bool,
+                                                               device=s.device)
+        info = Info(alpha.to(s.dtype), scale, sgrad, norm, cosine, stats, held, whole,
+                    NonFinite(per_task, per_task, per_task, whole, whole))
         return Proposal(TaskWeights(shared, scale), IMTLState(new_s, rule_state, w_state), info,
                         losses, k)
 
