@@ -120,7 +120,8 @@ def scalar_loss(x: Any, task: int) -> Any:
         desc = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"decode[{task}] must return a floating scalar loss, got {desc}; "
                          "reduce the task's loss to one number (e.g. .mean())")
-    differentiable(x, f"decode[{task}]")
+    if torch.is_grad_enabled():  # forward-only evaluations (no_grad) have nothing to check
+        differentiable(x, f"decode[{task}]")
     return x
 
 
