@@ -4,7 +4,8 @@
     python examples/lightning_train.py --variant functional     # imtl_func.mtl_value_and_grad
     python examples/lightning_train.py --precision bf16-mixed   # autocast to bfloat16
 
-Requires the ``lightning`` extra (``pip install -e ".[lightning]"``; see pyproject.toml).
+Requires the ``lightning`` extra: ``pip install -e ".[lightning]"``, or the two ``pip install``
+lines of ``.ci/run``, which leave the installed torch build alone.
 
 IMTL computes the gradients itself, so both LightningModules turn Lightning's automatic
 optimization off (``self.automatic_optimization = False``) and call ``opt.step()`` themselves,
@@ -25,6 +26,11 @@ count.
 ``nn.IMTL(num_losses=None)`` sizes its log-scales on the first call; until then they are an
 ``UninitializedParameter``, and Lightning's model summary warns that its parameter count may be
 inaccurate. Passing ``num_losses`` (as here) avoids the warning.
+
+Precision: ``32-true`` and ``bf16-mixed`` work. ``16-mixed`` does not yet: Lightning's
+GradScaler unscales ``.grad`` in ``opt.step()``, but IMTL never scaled the loss, and torch
+raises; on a CPU, Lightning replaces ``16-mixed`` by ``bf16-mixed`` anyway (see
+docs/guides/lightning.md).
 """
 
 from __future__ import annotations
@@ -140,7 +146,8 @@ def apply_if_finite(optimizer: Any, params: Any, grads: Any, finite: Tensor) -> 
     step's finiteness gate tripped (``finite`` False: the gradients are zeros, the state was
     kept). Returns whether the optimizer stepped.
 
-    A stand-in for a library helper; ``bool(finite)`` synchronizes with the device.
+    A stand-in for a library helper (one place to swap); ``bool(finite)`` synchronizes with
+    the device.
     """
     if not bool(finite):
         return False
