@@ -3,7 +3,9 @@
 A page's blocks run in order in one namespace (a later block may use names from an earlier
 one), in a fresh temporary working directory, with torch seeded. A block whose previous
 non-blank line is ``<!-- skip: reason -->`` is not run (only for code that cannot run on a
-CPU-only machine, e.g. torchrun or CUDA); it must still compile.
+CPU-only machine, e.g. torchrun or CUDA); it must still compile. A page with a line
+``<!-- requires: module -->`` is skipped where that optional extra's module is not installed
+(CI installs every extra).
 
 ``torch.compile`` runs with ``backend="eager"`` unless a block names a backend: Dynamo traces
 the same graph (``fullgraph=True`` still fails on any graph break) but Inductor's code
@@ -30,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _OPEN = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*\{?\.?(?P<lang>[\w+-]*)")
 _SKIP = re.compile(r"^\s*<!--\s*skip\b.*-->\s*$")
 _LANGS = {"python", "py", "python3"}
+_REQUIRES = re.compile(r"^\s*<!--\s*requires:\s*([\w.]+)\s*-->\s*$", re.MULTILINE)
 
 
 class Block(NamedTuple):
@@ -120,6 +123,11 @@ def test_extractor_reads_fences_and_skips() -> None:
         (4, "a = 1", False), (9, "b = 2", True), (14, "c = a + 1", False)]
 
 
+def test_requires_marker() -> None:
+    text = "<!-- requires: lightning -->\n# Title\n  <!--  requires: a.b  -->\n<!-- skip: x -->\n"
+    assert _REQUIRES.findall(text) == ["lightning", "a.b"]
+
+
 def test_docs_have_snippets() -> None:
     assert len(CODE_PAGES) >= 10, CODE_PAGES  # the extractor still finds the docs' examples
 
@@ -147,7 +155,10 @@ def test_api_reference_covers_every_export() -> None:
 @pytest.mark.parametrize("page", CODE_PAGES, ids=[str(p.relative_to(ROOT)) for p in CODE_PAGES])
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_page_snippets_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    blocks = extract_blocks(page.read_text(encoding="utf-8"))
+    text = page.read_text(encoding="utf-8")
+    for module_name in _REQUIRES.findall(text):
+        pytest.importorskip(module_name)
+    blocks = extract_blocks(text)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch, "compile", _eager_compile)
     torch.manual_seed(0)
