@@ -15,9 +15,10 @@ or skip it when IMTL met a non-finite loss or gradient:
   which the optimizer trains); the log-scales are a parameter of the LightningModule, so they
   are in its checkpoint.
 * :class:`FunctionalIMTL`: ``imtl_func.mtl_value_and_grad`` with one loss function per task
-  returns the gradients and the new IMTL state; :func:`apply_if_finite` writes the gradients
-  into ``.grad`` and steps. The state lives in buffers (:class:`StateBuffers`), so it is in the
-  checkpoint and follows the module across devices.
+  returns the gradients and the new IMTL state; :func:`imtl_func.apply_updates` writes the
+  gradients into ``.grad`` and steps (or skips the step when it was not finite). The state
+  lives in buffers (:class:`StateBuffers`), so it is in the checkpoint and follows the module
+  across devices.
 
 Both count the skipped steps in a buffer, ``skipped``. In manual optimization Lightning counts
 ``trainer.global_step`` (and so ``max_steps``) in ``opt.step()`` calls: a skipped batch does not
@@ -27,10 +28,10 @@ count.
 ``UninitializedParameter``, and Lightning's model summary warns that its parameter count may be
 inaccurate. Passing ``num_losses`` (as here) avoids the warning.
 
-Precision: ``32-true`` and ``bf16-mixed`` work. ``16-mixed`` does not yet: Lightning's
-GradScaler unscales ``.grad`` in ``opt.step()``, but IMTL never scaled the loss, and torch
-raises; on a CPU, Lightning replaces ``16-mixed`` by ``bf16-mixed`` anyway (see
-docs/guides/lightning.md).
+Precision: ``32-true`` and ``bf16-mixed`` work with both. ``16-mixed`` (float16 with a
+GradScaler) works with :class:`ModuleIMTL`, which hands Lightning's scaler to ``nn.IMTL`` in
+``on_fit_start``; not yet with :class:`FunctionalIMTL`. On a CPU, Lightning replaces
+``16-mixed`` by ``bf16-mixed`` anyway (see docs/guides/lightning.md).
 """
 
 from __future__ import annotations
@@ -97,11 +98,15 @@ class ModuleIMTL(L.LightningModule):
         pred = self.net.heads(z)
         losses = [task_loss(t, pred, y) for t in range(NUM_TASKS)]
         self.imtl(z, losses)                  # writes .grad of the net and the log-scales
-        if self.imtl.finite:
-            opt.step()
-        else:
+        if not self.imtl.finite:
             self.skipped += 1
+        if self.imtl.finite or self.imtl.grad_scaler is not None:
+            opt.step()  # with 16-mixed, Lightning's scaler unscales and skips a non-finite step
         self.log_dict({f"loss_{t}": loss.detach().float() for t, loss in enumerate(losses)})
+
+    def on_fit_start(self) -> None:
+        # 16-mixed: IMTL runs the backward itself, so it scales it with Lightning's GradScaler.
+        self.imtl.grad_scaler = getattr(self.trainer.precision_plugin, "scaler", None)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)   # the log-scales included
@@ -141,22 +146,6 @@ def _leaf_name(tree: Any, path: tuple[Any, ...]) -> str:
     return "__".join(parts)
 
 
-def apply_if_finite(optimizer: Any, params: Any, grads: Any, finite: Tensor) -> bool:
-    """Write ``grads`` into the ``.grad`` of ``params`` (matching pytrees) and step, unless the
-    step's finiteness gate tripped (``finite`` False: the gradients are zeros, the state was
-    kept). Returns whether the optimizer stepped.
-
-    A stand-in for a library helper (one place to swap); ``bool(finite)`` synchronizes with
-    the device.
-    """
-    if not bool(finite):
-        return False
-    for p, g in zip(optree.tree_leaves(params), optree.tree_leaves(grads), strict=True):
-        p.grad = g
-    optimizer.step()
-    return True
-
-
 class FunctionalIMTL(L.LightningModule):
     """``imtl_func.mtl_value_and_grad`` with one loss function per task; state in buffers."""
 
@@ -186,7 +175,7 @@ class FunctionalIMTL(L.LightningModule):
                   dict(self.net.heads.named_parameters()))
         out = self.imtl_step(*params, self.imtl_state.get(), x, y)
         self.imtl_state.set(out.state)        # the gate kept the old state if not finite
-        if not apply_if_finite(opt, params, out.grads, out.info.finite):
+        if not imtl.apply_updates(opt, out, *params):  # skips opt.step() if not finite
             self.skipped += 1
         self.log_dict({f"loss_{t}": loss.float() for t, loss in enumerate(out.losses)})
 

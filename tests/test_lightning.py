@@ -167,23 +167,28 @@ def test_16_mixed_on_cpu_runs_as_bf16_mixed(variant):
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=True, reason=(
-    "16-mixed GradScaler: Lightning's opt.step() calls scaler.unscale_(), but IMTL writes .grad "
-    "without scaler.scale(loss), so torch raises 'Attempted unscale_ but _scale is None' "
-    "(GradScaler integration pending)"))
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [
+    "module",
+    pytest.param("functional", marks=pytest.mark.xfail(raises=AssertionError, strict=True, reason=(
+        "16-mixed: Lightning's opt.step() unscales with its own GradScaler, but the functional "
+        "example's losses do not go through imtl.amp_scale(loss, scaler), so torch raises "
+        "'Attempted unscale_ but _scale is None'"))),
+])
 def test_16_mixed_with_a_grad_scaler(variant):
-    """float16 autocast and a GradScaler on the CPU, forced with the precision plugin."""
+    """float16 autocast and a GradScaler on the CPU, forced with the precision plugin; the
+    module takes Lightning's scaler in on_fit_start. One SGD step against the float64
+    reference, to float16 autocast's precision (5e-3 on parameters of size ~0.5)."""
     lr = 0.1
     sgd = lambda p: torch.optim.SGD(p, lr=lr)  # noqa: E731
     model = build(variant, optimizer=sgd)
     x, y = lt.make_data().tensors
     expected, _ = reference_step(model.net, x[:16], y[:16], lr)
-    trainer = lt.trainer(1, None, plugins=[MixedPrecision("16-mixed", "cpu")])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)  # no overflow at the first step
+    trainer = lt.trainer(1, None, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
     trainer.fit(model, loader())
     after = state(model)
     for name, value in expected.items():
-        torch.testing.assert_close(after[name].double(), value, atol=2e-3, rtol=0)
+        torch.testing.assert_close(after[name].double(), value, atol=5e-3, rtol=0)
 
 
 # ---------------------------------------------------------------------- non-finite batches
@@ -285,16 +290,6 @@ def test_state_buffers_round_trip_and_names():
     with pytest.raises(ValueError, match=r"^the new state has the structure PyTreeSpec\(.*\), "
                                          r"not PyTreeSpec\(.*\)$"):
         buffers.set((new.log_scale,))
-
-
-def test_apply_if_finite_steps_only_when_finite():
-    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
-    sgd = torch.optim.SGD([w], lr=0.5)
-    params, grads = {"w": w}, {"w": torch.tensor([2.0, -2.0])}
-    assert not lt.apply_if_finite(sgd, params, grads, torch.tensor(False))
-    assert w.grad is None and torch.equal(w.detach(), torch.tensor([1.0, 2.0]))
-    assert lt.apply_if_finite(sgd, params, grads, torch.tensor(True))
-    assert torch.equal(w.detach(), torch.tensor([0.0, 3.0]))
 
 
 def test_sized_imtl_gives_an_exact_model_summary():
