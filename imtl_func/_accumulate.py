@@ -28,15 +28,14 @@ w_m``; ``w_m = 1`` for equal sizes, ``w_m = n_m`` for sizes ``n_m``), the big ba
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import torch
 from torch import Tensor
-from torch.func import vjp
 
 from imtl_func import _checks, _reduce
 from imtl_func._gate import gate
-from imtl_func._jacobian import pullback_rows
+from imtl_func._jacobian import pullback_rows, vjp, vjp_with_aux
 from imtl_func._pipeline import Grads, Losses, StepResult, finish, rows_gramian, weigh, with_extra
 from imtl_func._steps import FeatureSpec, Step, _detached, _eye, _loss_vector, _vjp
 from imtl_func._transform import IMTLState, Info, Proposal, Transform
@@ -77,14 +76,14 @@ class AccumulationPlan(NamedTuple):
         weight: ``[]`` float64, ``W = Σ_m w_m``.
         proposal: the transform's proposal (weights, new state) that :meth:`~Accumulator.finish`
             gates.
-        count: the number of replicas with a ``reduce`` (None without).
+        replicas: the number of replicas with a ``reduce`` (None without).
     """
 
     info: Info
     state: IMTLState
     weight: Tensor
     proposal: Proposal
-    count: Tensor | None
+    replicas: Tensor | None
 
 
 def _weight(value: Any, device: torch.device) -> Tensor:
@@ -93,6 +92,14 @@ def _weight(value: Any, device: torch.device) -> Tensor:
     if isinstance(value, Tensor):
         return value.detach().to(device=device, dtype=torch.float64)
     return torch.tensor(value, dtype=torch.float64, device=device)
+
+
+@overload
+def _add(total: Tensor | None, x: Tensor, factor: Tensor) -> Tensor: ...
+
+
+@overload
+def _add(total: Tensor | None, x: Tensor | None, factor: Tensor) -> Tensor | None: ...
 
 
 def _add(total: Tensor | None, x: Tensor | None, factor: Tensor) -> Tensor | None:
@@ -259,10 +266,10 @@ class Accumulator:
         k = None
         if stats.gramian is not None:
             k = (stats.gramian.to(torch.float64) / (total * total)).to(stats.gramian.dtype)
-        proposal, count = weigh(self.transform, state, vector, losses.shape[0], k,
-                                self._spec.reduce, prescaled=self._spec.heads is not None)
+        proposal, replicas = weigh(self.transform, state, vector, losses.shape[0], k,
+                                   self._spec.reduce, prescaled=self._spec.heads is not None)
         _, _, info = gate(proposal, state)
-        return AccumulationPlan(info, state, total, proposal, count)
+        return AccumulationPlan(info, state, total, proposal, replicas)
 
     # ---------------------------------------------------------------------------- pass 2
 
@@ -297,7 +304,7 @@ class Accumulator:
             return spec.encode(p, *batch)
 
         if spec.encoder_has_aux:
-            features, enc_pullback, enc_aux = vjp(enc, _detached(shared_params), has_aux=True)
+            features, enc_pullback, enc_aux = vjp_with_aux(enc, _detached(shared_params))
         else:
             (features, enc_pullback), enc_aux = vjp(enc, _detached(shared_params)), None
         _checks.params(features, "the features returned by encode")
@@ -360,7 +367,7 @@ class Accumulator:
         if grads is None:
             raise ValueError("finish needs the summed gradients of pass 2: call acc.gradients "
                              "on every micro-batch first")
-        summed = _reduce.mean(self._spec.reduce, plan.count, (grads.shared, grads.task))
+        summed = _reduce.mean(self._spec.reduce, plan.replicas, (grads.shared, grads.task))
         return finish(plan.proposal, plan.state, Grads(*summed), aux,
                       plan.state.log_scale.shape[0])
 

@@ -142,7 +142,7 @@ def state(x: Any, spec: StateSpec) -> None:
     if not (isinstance(x, tuple) and getattr(x, "_fields", None) == fields):
         raise TypeError(f"state must be the IMTLState returned by init or by the previous step, "
                         f"got {type(x).__name__}; {_MAKE_STATE}")
-    s = x.log_scale
+    s = x[0]  # x.log_scale: the fields are checked above (x is typed a bare tuple here)
     if not isinstance(s, Tensor) or s.dim() != 1 or s.dtype not in (torch.float32,
                                                                     torch.float64):
         desc = f"{s.dtype} tensor of shape {tuple(s.shape)}" if isinstance(s, Tensor) else type(

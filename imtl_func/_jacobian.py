@@ -3,17 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import optree
 import torch
 from torch import Tensor
-from torch.func import vjp, vmap
+from torch.func import vjp as torch_vjp
+from torch.func import vmap
 
 from imtl_func import _checks
 from imtl_func._tree import PyTree, tree_map
 
 __all__ = ["task_jacobian"]
+
+
+#: A vjp pull-back: ``pullback(cotangent)`` returns one cotangent per primal, in a tuple.
+Pullback = Callable[..., tuple[Any, ...]]
+
+
+# torch annotates vjp with one union of its two results, so a caller cannot unpack either.
+def vjp(fn: Callable[..., Any], *primals: PyTree) -> tuple[Any, Pullback]:
+    """``torch.func.vjp(fn, *primals)``: ``(fn(*primals), pullback)``."""
+    return cast("tuple[Any, Pullback]", torch_vjp(fn, *primals))
+
+
+def vjp_with_aux(fn: Callable[..., Any], *primals: PyTree) -> tuple[Any, Pullback, Any]:
+    """``torch.func.vjp(fn, *primals, has_aux=True)`` of ``fn -> (out, aux)``:
+    ``(out, pullback, aux)``."""
+    return cast("tuple[Any, Pullback, Any]", torch_vjp(fn, *primals, has_aux=True))
 
 
 def pullback_rows(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -62,8 +62,9 @@ class ScaleRule(NamedTuple):
             ``log_scale + delta``.
     """
 
-    init: Callable[[Tensor], NamedTuple]
-    update: Callable[[Tensor, NamedTuple], tuple[Tensor, NamedTuple]]
+    # The state is each rule's own NamedTuple (a generic NamedTuple needs Python 3.11).
+    init: Callable[[Tensor], Any]
+    update: Callable[[Tensor, Any], tuple[Tensor, Any]]
 
 
 class NewtonState(NamedTuple):

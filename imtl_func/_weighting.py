@@ -10,7 +10,7 @@ Nothing else in the package knows which weighting it runs: a new method is one f
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import torch
 from torch import Tensor
@@ -52,7 +52,16 @@ def _no_state(num_tasks: int, device: torch.device | None) -> EmptyState:
     return EmptyState()
 
 
-def weighting(fn: Callable[[Tensor, Tensor], Any], *, needs_gramian: bool = True) -> Weighting:
+@overload
+def weighting(fn: Callable[[Tensor, Tensor], Any], *,
+              needs_gramian: Literal[True] = True) -> Weighting: ...
+
+
+@overload
+def weighting(fn: Callable[[Tensor | None, Tensor], Any], *, needs_gramian: bool) -> Weighting: ...
+
+
+def weighting(fn: Callable[[Any, Tensor], Any], *, needs_gramian: bool = True) -> Weighting:
     """A stateless :class:`Weighting` from one function of the Gramian.
 
     Args:

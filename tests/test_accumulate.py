@@ -275,6 +275,14 @@ def test_data_parallel_reduce_is_kept():
     # Two identical replicas: the global Gramian is K / 2, so the norms are 1/√2 of one's.
     alone = make_step("hybrid", "general")(shared, heads, state, *batch)
     torch.testing.assert_close(out.info.grad_norm, alone.info.grad_norm / 2**0.5)
+    # The plan carries the replica count the gradients are averaged over (None without a
+    # reduce); the field is not named `count`, which would shadow tuple.count.
+    assert "count" not in imtl.AccumulationPlan._fields
+    acc = imtl.accumulate(step)
+    plan = acc.weigh(state, acc.statistics(shared, heads, state, None, *batch))
+    assert plan.replicas.dtype == torch.float64 and float(plan.replicas) == 2.0
+    plain = imtl.accumulate(make_step("hybrid", "general"))
+    assert plain.weigh(state, plain.statistics(shared, heads, state, None, *batch)).replicas is None
 
 
 def test_float32_keeps_its_dtypes():

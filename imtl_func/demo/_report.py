@@ -31,8 +31,8 @@ def format_table(finals: dict[str, list[float]], baseline: str | None = "ew",
     methods = list(finals)
     headers = ["method", *[f"{t.name} {t.metric}" for t in tasks]]
     directions = ["", *[("higher" if t.higher_is_better else "lower") + " better" for t in tasks]]
-    has_base = baseline is not None and baseline in finals
-    if has_base:
+    base = finals[baseline] if baseline is not None and baseline in finals else None
+    if base is not None:
         headers.append(f"Delta-m% vs {baseline}")
         directions.append("higher better")
     best = []
@@ -47,8 +47,8 @@ def format_table(finals: dict[str, list[float]], baseline: str | None = "ew",
             v = finals[m][j]
             mark = "*" if round(v, digits[j]) == round(best[j], digits[j]) else " "
             cells.append(f"{v:.{digits[j]}f}{mark}")
-        if has_base:
-            cells.append(f"{delta_m(finals[m], finals[baseline], tasks):+.2f} ")
+        if base is not None:
+            cells.append(f"{delta_m(finals[m], base, tasks):+.2f} ")
         rows.append(cells)
     widths = [max(len(r[k]) for r in [headers, directions, *rows]) for k in range(len(headers))]
 

@@ -107,10 +107,11 @@ def _module_stepper(method: str, encoder: nn.Module, heads: Heads, params: list[
             opt.step()
             return losses.detach().cpu(), ones, ones, True
         module(z, list(losses.unbind()))
-        ok = module.finite
+        ok, info = module.finite, module.info
+        assert info is not None  # None only when no loss takes part; all four always do
         if ok:
             opt.step()
-        return losses.detach().cpu(), module.info.alpha.cpu(), module.info.scale.cpu(), ok
+        return losses.detach().cpu(), info.alpha.cpu(), info.scale.cpu(), ok
 
     return run
 
@@ -181,11 +182,15 @@ def train(
     device = data.x_train.device
     encoder, heads = build_model(seed, data.ink_train.mean().item(), data.ink_train.std().item(),
                                  device, data.x_train.dtype)
-    params = [*encoder.parameters(), *heads.parameters()]
+    params: list[Tensor] = [*encoder.parameters(), *heads.parameters()]
     order = batch_order(data.x_train.shape[0], batch_size, steps, seed).to(device)
     probe = data.train_batch(torch.arange(min(256, data.x_train.shape[0]), device=device))
     probe_at = set(checkpoints(steps))
-    hist = History(method, *(torch.full((steps, NUM_TASKS), float("nan")) for _ in range(3)))
+
+    def blank() -> Tensor:
+        return torch.full((steps, NUM_TASKS), float("nan"))
+
+    hist = History(method, blank(), blank(), blank())
     if use_module:
         step_fn = _module_stepper(method, encoder, heads, params, lr)
     else:
