@@ -55,10 +55,12 @@ change of the held-out metric against equal weighting, signed so that better is 
 Reproducibility: the run is deterministic on a given machine, but 400 Adam steps amplify
 round-off differences enormously (about 10¹⁰ here), and round-off differs between CPUs (SIMD
 width of the vectorised kernels, MKL's code path) and thread counts. In float32 that moved the
-table visibly (one EW accuracy by 0.55 points, hybrid's Δm% by 2.5). The demo therefore computes
-in float64 (:data:`DTYPE`, about the same time: the model is tiny) and on one thread by default;
-the largest change then measured on any printed number was 5·10⁻⁵ (ink RMSE) and 3·10⁻⁴
-(Δm%), below the printed precision.
+table visibly (one EW accuracy by 0.55 points, hybrid's Δm% by 0.75). The demo therefore computes
+in float64 (:data:`DTYPE`, about the same time: the model is tiny) and on one thread by default.
+Then 2 threads and ``MKL_CBWR=COMPATIBLE`` left the default table unchanged, and scalar kernels
+(``ATEN_CPU_CAPABILITY=default``) changed the ew, gradient and hybrid rows by at most 1.5·10⁻⁴
+(ink RMSE) and 7·10⁻⁴ (Δm%), below the printed precision; the 'loss' run amplifies round-off
+more, and its row moved by one held-out image (class accuracy 0.28 points) and 0.02 in ink RMSE.
 """
 from imtl_func.demo._cli import main, parse_args
 from imtl_func.demo._data import (
