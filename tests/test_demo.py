@@ -153,7 +153,7 @@ def test_task_set_has_the_advertised_magnitudes(data: demo.Data) -> None:
 
 
 def test_the_demo_computes_in_float64(data: demo.Data) -> None:
-    """float64 keeps the printed table the same across CPUs (see the package docstring); the
+    """float64 keeps round-off differences between CPUs small (see the package docstring); the
     initial weights are drawn in float32 and cast, so they do not depend on the dtype."""
     assert demo.DTYPE is torch.float64
     assert {t.dtype for t in (data.x_train, data.ge5_train, data.ink_train, data.x_test,
