@@ -354,7 +354,8 @@ class IMTL(nn.Module):
     that mean's (the encoder and head cotangents of a rank carry ``R / R_t``, since DDP divides
     by the world size ``R``). Every rank joins the reduction on every call, also with no loss
     active or after an error (which is then raised on every rank), so the ranks never pair
-    different collectives.
+    different collectives; the exception is a call under ``torch.no_grad()`` with no loss
+    active, which only returns the logging values (evaluation may run on some ranks only).
 
     If a loss or a task gradient is not finite, nothing is written to ``.grad``, a
     ``RuntimeWarning`` is issued and :attr:`finite` is False: skip ``optimizer.step()`` for that
@@ -568,7 +569,8 @@ class IMTL(nn.Module):
         bound = log_scale_bound(values.dtype)
         clamped = state.log_scale.clamp(-bound, bound)
         scaled = scale_losses(values.to(state.log_scale.dtype), clamped)
-        if self._reduce is None and not any(local):
+        if not any(local) and (self._reduce is None or not torch.is_grad_enabled()):
+            # Logging only; under no_grad with reduce too (evaluation may run on one rank).
             self.active, self.info = tuple(local), None
             return IMTLOutput(scaled.new_zeros(()), scaled)
 

@@ -455,6 +455,9 @@ def _diverging_worker(rank: int, port: int, out_dir: str) -> None:
             results["error"] = None
         except (ValueError, RuntimeError) as exc:
             results["error"] = f"{type(exc).__name__}: {exc}"
+        if rank == 0:          # evaluation on one rank: no communication under no_grad
+            with torch.no_grad():
+                module(*net(*local_batch(2, rank), (1, 1, 1)))
         z, losses = net(*local_batch(1, rank), (1, 1, 1))
         module(z, losses)
         results["after"] = module.info.alpha
@@ -496,6 +499,8 @@ def test_ranks_with_different_active_tasks_agree_with_one_process(diverging, met
 
 
 def test_an_error_on_one_rank_is_raised_on_every_rank(diverging):
+    """The ranks then go on in step; a no_grad call on one rank alone (evaluation) does not
+    communicate."""
     assert diverging[1]["error"].startswith("ValueError: no active loss depends on the feature z")
     assert diverging[0]["error"] == ("RuntimeError: IMTL: 1 other rank(s) raised an error in "
                                      "this call (see their output); every rank stops here")
