@@ -125,6 +125,9 @@ def _walk(roots: Sequence[Tensor], targets: Sequence[Tensor]) -> _Graph:
     The walk stops at every target: a non-leaf target by its edge ``(grad_fn, output_nr)``
     (another output of the same node is walked on), a leaf target by its ``AccumulateGrad``
     node. Reading the graph only, it validates the inputs before any ``.grad`` is touched.
+    Each loss is walked on its own (to tell which tasks reach a node) only for non-leaf
+    targets, where the walks end at ``z``; with leaf targets (the parameter level) one walk
+    covers every loss, and the task sets are incomplete (they are then not used).
     """
     edges = {(id(t.grad_fn), t.output_nr): i for i, t in enumerate(targets)
              if t.grad_fn is not None}
@@ -135,6 +138,7 @@ def _walk(roots: Sequence[Tensor], targets: Sequence[Tensor]) -> _Graph:
     leaf_tasks: list[set[int]] = []
     leaf_index: dict[int, int] = {}
     consumers: dict[int, tuple[Any, list[tuple[int, int]], set[int]]] = {}
+    one_walk: set[int] | None = None if hookable else set()
 
     def visit_leaf(variable: Tensor, task: int) -> None:
         if id(variable) in leaf_targets:
@@ -162,7 +166,7 @@ def _walk(roots: Sequence[Tensor], targets: Sequence[Tensor]) -> _Graph:
             reached[edges[id(root.grad_fn), root.output_nr]] = True
             hookable = False
             continue
-        stack, seen = [root.grad_fn], set()
+        stack, seen = [root.grad_fn], set() if one_walk is None else one_walk
         while stack:
             node = stack.pop()
             if id(node) in seen:
