@@ -375,8 +375,9 @@ class IMTL(nn.Module):
     ``Σ_t e^{s_t} ∇ℓ_t`` for a head's parameter. What it returns replaces that gradient (e.g.
     clipping applies to the combination). While the module computes the task gradients those
     hooks are paused. Post-accumulate-grad hooks (DDP, optimizer-in-backward) see the final
-    gradients as usual. A hook on a tensor inside a head fires during the task gradients, once
-    per task that reaches it, with ``∇ℓ_t`` (without the scale).
+    gradients as usual. A hook on a tensor inside a head fires while the task gradients are
+    computed (once with separate heads; once per task for a head the tasks share), with the
+    gradient of the scaled losses ``Σ_t e^{s_t} ℓ_t`` (of ``e^{s_t} ℓ_t`` per task).
 
     Under ``DistributedDataParallel`` pass the ``z`` the heads consume: with
     ``find_unused_parameters=True`` DDP returns copies of its outputs, so a ``z`` returned next
