@@ -7,18 +7,23 @@
 The same script runs both ways: the backend follows the device.
 
 * Functional (default): the step gets ``reduce=imtl_func.distributed.all_sum()``: one
-  all-reduce of the ``[T, T]`` Gramian, the task losses and a non-finite flag gives every rank
+  all-reduce of the ``[T, T]`` Gramian, the task losses and the replica count gives every rank
   the α and loss scales of the global batch, a second one averages the gradients. No
   DistributedDataParallel wrapper (it would not see these gradients: the step computes them
   with torch.func).
 * ``--module``: the network is wrapped in DistributedDataParallel and ``imtl_func.nn.IMTL``
-  gets the same ``reduce``: the one all-reduce of the statistics, then one backward through
-  the DDP network, whose gradients DDP averages.
+  gets the same ``reduce``: the one all-reduce of the statistics (with which tasks each rank
+  computed), then one backward through the DDP network, whose gradients DDP averages.
+
+``--timeout`` (seconds, default 300) bounds how long a rank waits in a collective for the
+others: a rank that crashed or stalled then ends the run with an error instead of holding the
+others for torch's default timeout (30 minutes for gloo).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 
 import torch
@@ -91,6 +96,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--module", action="store_true",
                         help="nn.IMTL with a DistributedDataParallel network")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds a rank waits in a collective before the run fails")
     args = parser.parse_args()
 
     if torch.cuda.is_available():
@@ -99,7 +106,7 @@ def main() -> None:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.global_batch % world:
         raise SystemExit(f"--global-batch {args.global_batch} must be a multiple of the "

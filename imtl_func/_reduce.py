@@ -8,6 +8,7 @@ reduced values, reaches the same verdict on every replica without a flag of its 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import optree
 import torch
@@ -50,6 +51,67 @@ def statistics(reduce: Reduce | None, vector: Tensor, gramian: Tensor | None
     losses = (summed[0] / count).to(vector.dtype)
     k = None if gramian is None else (summed[2] / (count * count)).to(gramian.dtype)
     return losses, k, count
+
+
+#: What a replica that failed before the reduction adds to the replica count: every replica can
+#: tell how many failed without a payload of its own (exact in float64 up to 2^33 failures).
+FAILED = 2.0**20
+
+
+class ActiveStatistics(NamedTuple):
+    """Global statistics when the replicas compute different sets of tasks.
+
+    Attributes:
+        losses: ``[T]`` task t's loss: the mean of its local losses over the replicas where it is
+            active (0 where it is active nowhere).
+        gramian: ``[T, T]`` Gramian of the gradients of those losses, or None.
+        counts: ``[T]`` float64, ``R_t``: on how many replicas task t is active.
+        replicas: ``[]`` float64, ``R``: how many replicas took part.
+        failed: how many replicas reported a failure (a Python int, the same on every replica).
+    """
+
+    losses: Tensor
+    gramian: Tensor | None
+    counts: Tensor
+    replicas: Tensor
+    failed: int
+
+
+def active_statistics(reduce: Reduce, losses: Tensor, active: Tensor, gramian: Tensor | None,
+                      *, failed: bool = False) -> ActiveStatistics:
+    """:func:`statistics` when a task may be active on some replicas only: one float64 reduction.
+
+    Task t's global loss is the mean of its local losses over the ``R_t`` replicas where it is
+    active and its global gradient is that mean's, so with disjoint feature slices
+    ``K_ij = Σ_r K^r_ij / (R_i R_j)``, where a replica on which t is off has zeros in row and
+    column t. With every task active everywhere this is :func:`statistics`.
+    Payload: ``(T² + 2T + 1) · 8`` bytes.
+
+    Args:
+        losses: ``[T]`` local losses; entries of inactive tasks are ignored (NaN allowed there).
+        active: ``[T]`` bool, the tasks this replica computed.
+        gramian: ``[T, T]`` local Gramian (zero rows and columns for inactive tasks), or None.
+        failed: this replica hit an error before the reduction; it still joins the reduction
+            (with zeros) so that every replica learns about it instead of waiting.
+
+    Returns:
+        :class:`ActiveStatistics`; ``gramian`` in the dtype it was given.
+    """
+    one = losses.new_full((1,), FAILED + 1.0 if failed else 1.0, dtype=torch.float64)
+    on = active.to(torch.float64)
+    parts = [torch.where(active, losses.detach().to(torch.float64), 0.0), on, one]
+    if gramian is not None:
+        parts.append(gramian)
+    summed = _sum_packed(reduce, parts, torch.float64)
+    counts, total = summed[1], summed[2][0]
+    num_failed = int(total.item() // FAILED)          # one host sync: the reply decides a raise
+    replicas = total - FAILED * num_failed
+    per_task = counts.clamp(min=1.0)
+    k = None
+    if gramian is not None:
+        k = (summed[3] / (per_task[:, None] * per_task[None, :])).to(gramian.dtype)
+    return ActiveStatistics((summed[0] / per_task).to(losses.dtype), k, counts, replicas,
+                            num_failed)
 
 
 def rows(reduce: Reduce | None, vector: Tensor, jac: PyTree

@@ -12,17 +12,23 @@ gradient into ``.grad``::
     # or: imtl.backward(shared_parameters=net.encoder.parameters(), losses=losses)
     optimizer.step(); optimizer.zero_grad()
 
-The math is the functional core's: :func:`imtl_func.gramian` of the task gradients and
-the weighting of ``imtl_func.preset(method)`` (or of the given transform) for the weights, through
-the same finiteness gate as the steps. The module only moves tensors between the
-existing autograd graph and the core: one batched backward pass (``is_grads_batched=True``) gives
-all T task gradients, one ``torch.autograd.backward`` writes the result.
+The math is the functional core's pipeline (``weigh``: reduce and propose; ``gate``). The module
+only moves tensors between the existing autograd graph and the core. A backward of the scaled
+losses that stops at the shared tensors gives every task's gradient with respect to them and the
+heads' gradients: ONE backward when each loss reaches ``z`` through nodes of its own (separate
+heads: a hook on each of those nodes keeps its task's row apart), else one backward per task
+(a head shared by the tasks, or the parameter level). Then one ``torch.autograd.backward``
+writes everything: ``z`` (or the shared parameters) with the IMTL combination, the heads'
+parameters with the gradients already computed. The heads are thus back-propagated once, as in
+``sum(losses).backward()``; the extra cost is the ``T × |z|`` rows, their Gramian and the
+weighting ('loss' and 'equal' need no rows: one backward in all).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import optree
@@ -30,12 +36,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
-from imtl_func import _checks
+from imtl_func import _checks, _reduce
 from imtl_func._gate import gate
 from imtl_func._optim import scaler_step
 from imtl_func._pipeline import rows_gramian, weigh
 from imtl_func._presets import preset
-from imtl_func._reduce import Reduce
 from imtl_func._scales import log_scale_bound, scale_frozen, scale_losses
 from imtl_func._transform import IMTLState, Info, Transform, transform
 from imtl_func._tree import contract
@@ -89,30 +94,236 @@ def _flat_tensors(tree: Any, name: str) -> list[Tensor]:
     return out
 
 
-def _reached(roots: Sequence[Tensor], targets: Sequence[Tensor]) -> list[bool]:
-    """Whether the autograd graph of ``roots`` leads to each target tensor.
+class _Graph(NamedTuple):
+    """The autograd graph between the losses and the shared tensors (the targets).
 
-    A non-leaf target is found by its ``grad_fn``, a leaf by its ``AccumulateGrad`` node. Reads
-    the graph only (no backward pass), so it can validate the inputs before any ``.grad`` is
-    touched.
+    Attributes:
+        leaves: the leaves the losses reach without passing through a target (the heads'
+            parameters, and any other tensor a loss reaches without ``z``), in the order found.
+        leaf_tasks: per leaf, the tasks (positions in the walked losses) that reach it.
+        consumers: the nodes with a non-leaf target among their inputs: ``(node, [(input,
+            target)], tasks that reach the node)``.
+        reached: per target, whether some loss reaches it.
+        hookable: every path from a loss to a target enters it through a consumer node (False
+            when a loss is a target itself, or a target is a leaf).
     """
-    by_node = {id(t.grad_fn): i for i, t in enumerate(targets) if t.grad_fn is not None}
-    by_leaf = {id(t): i for i, t in enumerate(targets) if t.grad_fn is None}
-    found = [False] * len(targets)
-    stack = [r.grad_fn for r in roots if r.grad_fn is not None]
-    seen: set[int] = set()
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
+
+    leaves: list[Tensor]
+    leaf_tasks: list[set[int]]
+    consumers: list[tuple[Any, list[tuple[int, int]], set[int]]]
+    reached: list[bool]
+    hookable: bool
+
+    @property
+    def separate(self) -> bool:
+        """Each loss reaches the targets through consumer nodes of its own (separate heads)."""
+        return self.hookable and all(len(tasks) == 1 for _, _, tasks in self.consumers)
+
+
+def _walk(roots: Sequence[Tensor], targets: Sequence[Tensor]) -> _Graph:
+    """Walk the autograd graph from each loss down to the targets (no backward pass).
+
+    The walk stops at every target: a non-leaf target by its edge ``(grad_fn, output_nr)``
+    (another output of the same node is walked on), a leaf target by its ``AccumulateGrad``
+    node. Reading the graph only, it validates the inputs before any ``.grad`` is touched.
+    Each loss is walked on its own (to tell which tasks reach a node) only for non-leaf
+    targets, where the walks end at ``z``; with leaf targets (the parameter level) one walk
+    covers every loss, and the task sets are incomplete (they are then not used).
+    """
+    edges = {(id(t.grad_fn), t.output_nr): i for i, t in enumerate(targets)
+             if t.grad_fn is not None}
+    leaf_targets = {id(t): i for i, t in enumerate(targets) if t.grad_fn is None}
+    reached = [False] * len(targets)
+    hookable = not leaf_targets
+    leaves: list[Tensor] = []
+    leaf_tasks: list[set[int]] = []
+    leaf_index: dict[int, int] = {}
+    consumers: dict[int, tuple[Any, list[tuple[int, int]], set[int]]] = {}
+    one_walk: set[int] | None = None if hookable else set()
+
+    def visit_leaf(variable: Tensor, task: int) -> None:
+        if id(variable) in leaf_targets:
+            reached[leaf_targets[id(variable)]] = True
+            return
+        if id(variable) not in leaf_index:
+            leaf_index[id(variable)] = len(leaves)
+            leaves.append(variable)
+            leaf_tasks.append(set())
+        leaf_tasks[leaf_index[id(variable)]].add(task)
+
+    def consumer(node: Any) -> set[int]:
+        if id(node) not in consumers:
+            inputs = [(k, edges[id(n), nr]) for k, (n, nr) in enumerate(node.next_functions)
+                      if n is not None and (id(n), nr) in edges]
+            consumers[id(node)] = (node, inputs, set())
+        return consumers[id(node)][2]
+
+    for task, root in enumerate(roots):
+        if root.grad_fn is None:
+            if root.requires_grad:
+                visit_leaf(root, task)
             continue
-        seen.add(id(node))
-        if id(node) in by_node:
-            found[by_node[id(node)]] = True
-        variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) in by_leaf:
-            found[by_leaf[id(variable)]] = True
-        stack.extend(nxt for nxt, _ in node.next_functions)
-    return found
+        if (id(root.grad_fn), root.output_nr) in edges:        # the loss is a target itself
+            reached[edges[id(root.grad_fn), root.output_nr]] = True
+            hookable = False
+            continue
+        stack, seen = [root.grad_fn], set() if one_walk is None else one_walk
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            variable = getattr(node, "variable", None)
+            if variable is not None:
+                visit_leaf(variable, task)
+                continue
+            for nxt, nr in node.next_functions:
+                if nxt is None:
+                    continue
+                i = edges.get((id(nxt), nr))
+                if i is None:
+                    stack.append(nxt)
+                else:
+                    reached[i] = True
+                    consumer(node).add(task)
+    return _Graph(leaves, leaf_tasks, list(consumers.values()), reached, hookable)
+
+
+@contextlib.contextmanager
+def _hooks_paused(tensors: Sequence[Tensor]) -> Iterator[None]:
+    """The tensor hooks registered on ``tensors`` (``register_hook``) do not fire inside.
+
+    Tensor hooks live in an ordered dict that autograd reads when it fires them; emptying it
+    and putting the same hooks back (in their order) pauses them without re-registering.
+    """
+    saved = []
+    for t in tensors:
+        hooks = getattr(t, "_backward_hooks", None)
+        if isinstance(hooks, dict) and hooks:
+            saved.append((hooks, list(hooks.items())))
+            hooks.clear()
+    try:
+        yield
+    finally:
+        for hooks, items in saved:
+            hooks.clear()
+            hooks.update(items)
+
+
+class _Rows(NamedTuple):
+    """The scaled task gradients: ``rows`` per target ``[T, *shape]`` (row t: ``c_t ∇ℓ_t``), and
+    the heads' gradients, either summed over the tasks (``heads``, one backward for every task)
+    or per task (``per_task[t][j]``; None where task t does not reach leaf j)."""
+
+    rows: list[Tensor]
+    heads: list[Tensor | None] | None
+    per_task: list[list[Tensor | None]] | None
+
+    def head_grads(self, graph: _Graph, factor: Tensor | None) -> list[Tensor | None]:
+        """Per leaf ``Σ_t f_t c_t ∇ℓ_t`` (``f``: the data-parallel factor, or ones)."""
+        if self.heads is not None:
+            if factor is None:
+                return self.heads
+            # Separate heads: each leaf belongs to one task (checked before this path).
+            return [None if g is None else g * factor[min(tasks)].to(g.dtype)
+                    for g, tasks in zip(self.heads, graph.leaf_tasks, strict=True)]
+        out: list[Tensor | None] = []
+        for j in range(len(graph.leaves)):
+            total = None
+            for t, grads in enumerate(self.per_task):
+                g = grads[j]
+                if g is not None:
+                    g = g if factor is None else g * factor[t].to(g.dtype)
+                    total = g if total is None else total + g
+            out.append(total)
+        return out
+
+
+def _task_rows(losses: Sequence[Tensor], scales: Tensor, targets: Sequence[Tensor],
+               graph: _Graph, one_pass: bool) -> _Rows:
+    """Every task's gradient w.r.t. the targets (and the heads'), scaled by ``scales``.
+
+    * ``one_pass`` (separate heads): ONE backward of ``Σ_t c_t ℓ_t`` that stops at the targets:
+      a hook on each consumer node takes what it sends to a target (its task's row) and sends
+      nothing on. The heads' gradients come out summed; the cost is that of ``Σ_t ℓ_t``'s
+      backward through the heads.
+    * otherwise one backward per task (shared heads, parameter level): each stops at the
+      targets (a hook on each non-leaf target records what arrives and passes zeros on).
+
+    Either way nothing reaches the encoder, so a leaf reached both through ``z`` and directly
+    (tied weights) gets only its direct part, and the user's tensor hooks on the targets and
+    leaves are paused: they fire once, in the backward that writes the gradients.
+    """
+    inputs = [*targets, *graph.leaves]
+    roots = [x.reshape(()) for x in losses]
+    cots = [c.to(x.dtype) for c, x in zip(scales.unbind(0), roots, strict=True)]
+    # The rows go straight into one [T, ...] buffer per target while the gradient that
+    # arrives is still in cache (stacking them afterwards costs another pass over T·|z|).
+    rows = [t.new_empty((len(losses), *t.shape)) for t in targets]
+    filled = [[False] * len(targets) for _ in losses]
+
+    def put(task: int, i: int, grad: Tensor) -> None:
+        if filled[task][i]:
+            rows[i][task].add_(grad)
+        else:
+            rows[i][task].copy_(grad)
+            filled[task][i] = True
+
+    def zero_unfilled() -> None:
+        for task, done in enumerate(filled):
+            for i, ok in enumerate(done):
+                if not ok:
+                    rows[i][task].zero_()
+
+    if one_pass:
+        def take(task: int, edges: list[tuple[int, int]]) -> Callable[..., Any]:
+            def hook(grad_inputs: tuple[Tensor | None, ...], _: Any) -> tuple[Any, ...]:
+                out = list(grad_inputs)
+                for k, i in edges:
+                    g, out[k] = out[k], None
+                    if g is not None:
+                        put(task, i, g)
+                return tuple(out)
+            return hook
+
+        handles = [node.register_hook(take(min(tasks), edges))
+                   for node, edges, tasks in graph.consumers]
+        try:
+            with _hooks_paused(inputs):
+                grads = torch.autograd.grad(roots, inputs, cots, retain_graph=True,
+                                            allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        zero_unfilled()
+        return _Rows(rows, list(grads[len(targets):]), None)
+
+    current = [0]
+
+    def record(i: int) -> Callable[[Tensor], Tensor]:
+        def hook(grad: Tensor) -> Tensor:
+            put(current[0], i, grad)
+            return grad.new_zeros(()).expand(grad.shape)     # no memory, no fill
+        return hook
+
+    per_task: list[list[Tensor | None]] = []
+    with _hooks_paused(inputs):
+        handles = [t.register_hook(record(i)) for i, t in enumerate(targets)
+                   if t.grad_fn is not None]
+        try:
+            for task, (root, cot) in enumerate(zip(roots, cots, strict=True)):
+                current[0] = task
+                grads = torch.autograd.grad(root, inputs, cot, retain_graph=True,
+                                            allow_unused=True)
+                for i, t in enumerate(targets):
+                    if t.grad_fn is None and grads[i] is not None:
+                        put(task, i, grads[i])
+                per_task.append(list(grads[len(targets):]))
+        finally:
+            for handle in handles:
+                handle.remove()
+    zero_unfilled()
+    return _Rows(rows, None, per_task)
 
 
 class IMTL(nn.Module):
@@ -142,6 +353,14 @@ class IMTL(nn.Module):
     not in the list). A zero gradient leaves a scale unchanged under SGD and under Adam from a
     fresh state; an optimizer with accumulated momentum or weight decay still moves it. With
     every loss skipped (e.g. under ``torch.no_grad()``), a call only returns the logging values.
+    With ``reduce``, the ranks may skip different tasks (e.g. a task whose labels are missing
+    from one rank's slice; its loss there may be NaN): a task active on any rank is active,
+    its loss is the mean of its losses over the ``R_t`` ranks that computed it and its gradient
+    that mean's (the encoder and head cotangents of a rank carry ``R / R_t``, since DDP divides
+    by the world size ``R``). Every rank joins the reduction on every call, also with no loss
+    active or after an error (which is then raised on every rank), so the ranks never pair
+    different collectives; the exception is a call under ``torch.no_grad()`` with no loss
+    active, which only returns the logging values (evaluation may run on some ranks only).
 
     If a loss or a task gradient is not finite, nothing is written to ``.grad``, a
     ``RuntimeWarning`` is issued and :attr:`finite` is False: skip ``optimizer.step()`` for that
@@ -151,11 +370,19 @@ class IMTL(nn.Module):
     a NaN produced inside the network's own backward from finite losses reaches ``.grad`` as
     it would with ``loss.backward()``.
 
-    The shared tensors (``z`` or the shared parameters) get their gradient through a tensor hook
-    that replaces what arrives through the heads by the IMTL combination: a tensor hook the user
-    registered on those same tensors with ``register_hook`` sees the head-path gradient and its
-    result is replaced. Post-accumulate-grad hooks (DDP, optimizer-in-backward) see the IMTL
-    gradient as usual.
+    Hooks: a tensor hook registered with ``register_hook`` on ``z`` (or on a shared or head
+    parameter) fires once per call, in the backward that writes the gradients, and sees the
+    gradient that tensor receives: the IMTL combination ``Σ_t α_t e^{s_t} ∇_z ℓ_t`` for ``z``,
+    ``Σ_t e^{s_t} ∇ℓ_t`` for a head's parameter. What it returns replaces that gradient (e.g.
+    clipping applies to the combination). While the module computes the task gradients those
+    hooks are paused. Post-accumulate-grad hooks (DDP, optimizer-in-backward) see the final
+    gradients as usual. A hook on a tensor inside a head fires while the task gradients are
+    computed (once with separate heads; once per task for a head the tasks share), with the
+    gradient of the scaled losses ``Σ_t e^{s_t} ℓ_t`` (of ``e^{s_t} ℓ_t`` per task).
+
+    Under ``DistributedDataParallel`` pass the ``z`` the heads consume: with
+    ``find_unused_parameters=True`` DDP returns copies of its outputs, so a ``z`` returned next
+    to the heads' outputs is not on the losses' path (the call raises).
 
     The returned values are detached numbers for logging (:class:`IMTLOutput`); the backward
     pass has already run, so do not call ``backward()`` on them.
@@ -189,10 +416,11 @@ class IMTL(nn.Module):
         retain_graph: keep the autograd graph after the call (default True), so that losses
             sharing it (``other_loss.backward()``) can still be back-propagated.
         reduce: data parallelism (feature-level calls): ``reduce(x)`` sums a 1-D tensor over the
-            replicas, e.g. :func:`imtl_func.distributed.all_sum`. The local Gramian and losses
-            are summed in one reduction, so α, the scale gradient and :attr:`finite` are those
-            of the global batch and the same on every rank; the network's gradients are left to
-            ``DistributedDataParallel`` (one backward through it per call).
+            replicas, e.g. :func:`imtl_func.distributed.all_sum`. The local Gramian, losses and
+            active tasks are summed in one reduction (``(T² + 2T + 1) · 8`` bytes), so α, the
+            scale gradient and :attr:`finite` are those of the global batch and the same on
+            every rank; the network's gradients are left to ``DistributedDataParallel`` (one
+            backward through it per call).
         grad_scaler: a ``torch.amp.GradScaler`` for float16 mixed precision (see above); the
             module reads its scale on every call and never calls its ``step`` or ``update``
             itself, except through :meth:`step`. A disabled scaler is ignored.
@@ -202,7 +430,8 @@ class IMTL(nn.Module):
             with a Transform, ``None`` without loss scales.
         info: the core's :class:`imtl_func.Info` of the last call, over its active tasks
             (``None`` before the first call and when every loss was skipped).
-        active: per task, whether the last call used it (``requires_grad`` True).
+        active: per task, whether the last call used it (``requires_grad`` True; with
+            ``reduce``, on some rank).
     """
 
     log_scale: Tensor | None
@@ -214,7 +443,7 @@ class IMTL(nn.Module):
         init_loss: Sequence[float] | Tensor | None = None,
         *,
         retain_graph: bool = True,
-        reduce: Reduce | None = None,
+        reduce: _reduce.Reduce | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         super().__init__()
@@ -364,76 +593,118 @@ class IMTL(nn.Module):
               what: str) -> IMTLOutput:
         items = _loss_items(losses)
         self._size(len(items))
-        active = [bool(x.requires_grad) for x in items]
-        self.active = tuple(active)
+        local = [bool(x.requires_grad) for x in items]
         values = torch.stack([x.detach().reshape(()) for x in items])
         state = self._state(values)
         _checks.same_device(values, state.log_scale)
         # The scales the step uses: e^{s} with s within the bound for the losses' dtype.
         bound = log_scale_bound(values.dtype)
-        scaled = scale_losses(values.to(state.log_scale.dtype),
-                              state.log_scale.clamp(-bound, bound))
-        if not any(active):
-            self.info = None
-            return IMTLOutput(values.new_zeros(()).to(scaled.dtype), scaled)
+        clamped = state.log_scale.clamp(-bound, bound)
+        scaled = scale_losses(values.to(state.log_scale.dtype), clamped)
+        if not any(local) and (self._reduce is None or not torch.is_grad_enabled()):
+            # Logging only; under no_grad with reduce too (evaluation may run on one rank).
+            self.active, self.info = tuple(local), None
+            return IMTLOutput(scaled.new_zeros(()), scaled)
 
-        idx = torch.tensor([i for i, a in enumerate(active) if a], device=values.device)
-        vector = torch.stack([x.reshape(()) for x, a in zip(items, active, strict=True) if a])
-        _check_reached(vector, targets, what)
-        num_tasks = vector.shape[0]
-        sub = _take(state, idx, len(items))
-        amp = self._amp_scale(vector)
-        rows, k = None, None
-        if self._tx.needs_gramian:
-            eye = torch.eye(num_tasks, dtype=vector.dtype, device=vector.device)
-            if amp is not None:  # a diagonal of S, cast once (S·0 in float16 could be NaN)
-                eye = torch.diag(amp.expand(num_tasks)).to(vector.dtype)
-            rows = torch.autograd.grad(vector, targets, grad_outputs=eye, retain_graph=True,
-                                       is_grads_batched=True, allow_unused=True,
-                                       materialize_grads=True)
-            k = rows_gramian(rows, num_tasks)
-            if amp is not None:  # the Gramian of the unscaled rows: info as without AMP
-                k = k / amp.to(k.dtype) / amp.to(k.dtype)
-        proposal, _ = weigh(self._tx, sub, vector.detach(), num_tasks, k, self._reduce)
-        shared = None if rows is None else contract(proposal.weights.shared, rows)
+        # This rank's active tasks: the leaves their losses reach besides the targets (the
+        # heads) and, for a weighting of the gradients, their rows and Gramian.
+        mine = [i for i, a in enumerate(local) if a]
+        mine_items = [items[i] for i in mine]
+        graph, rows, k, error = None, None, None, None
+        amp = self._amp_scale(values)
+        try:
+            if mine:
+                graph = _check_reached(mine_items, targets, what)
+            if self._tx.needs_gramian and mine:
+                # Rows of the scaled losses c_t ℓ_t (c = e^{s}, known before the update): the
+                # heads' gradients then come out of the same backward passes.
+                scales = self._tx.loss_scales(state, values.dtype)[mine]
+                if amp is not None:  # S·c: every .grad written is S times the gradient
+                    scales = scales * amp.to(scales.dtype)
+                one_pass = graph.separate and (self._reduce is None or all(
+                    len(tasks) == 1 for tasks in graph.leaf_tasks))
+                rows = _task_rows(mine_items, scales, targets, graph, one_pass)
+                k = rows_gramian(rows.rows, len(mine))
+                if amp is not None:  # the Gramian of the unscaled rows: α, info as without AMP
+                    k = k / amp.to(k.dtype) / amp.to(k.dtype)
+        except Exception as exc:
+            if self._reduce is None:
+                raise
+            error = exc          # raised below, on every rank, after the reduction
+
+        # The tasks α is computed over (with reduce: active on some rank) and their statistics.
+        if self._reduce is None:
+            on, vector, factor = mine, values[mine] if len(mine) < len(items) else values, None
+        else:
+            on, vector, k, factor = self._reduced(values, local, k, targets, error)
+        self.active = tuple(i in on for i in range(len(items)))
+        if not on:
+            self.info = None
+            return IMTLOutput(scaled.new_zeros(()), scaled)
+        every = len(on) == len(items)
+        idx = None if every else torch.tensor(on, device=values.device)
+        sub = state if every else _take(state, idx, len(items))
+        proposal, _ = weigh(self._tx, sub, vector, len(on), k, None, prescaled=True)
+        # This rank's tasks' weights (with reduce: × R / R_t, as DDP divides by R).
+        w_shared, w_task = (w if factor is None else w * factor for w in proposal.weights)
+        if mine != on:
+            where = [on.index(i) for i in mine]
+            w_shared, w_task = w_shared[where], w_task[where]
+            factor = None if factor is None else factor[where]
+        shared = None if rows is None else contract(w_shared, rows.rows)
         shared, new_sub, info = gate(proposal, sub, shared)
         self.info = info
-        grad_loss = (info.alpha.to(scaled.dtype) * scaled[idx]).sum()
+        # α over the tasks of this step's losses (with reduce: the global ones)
+        scaled_on = scaled if vector is values else scale_losses(
+            vector.to(scaled.dtype), clamped if every else clamped[idx])
+        grad_loss = (info.alpha.to(scaled.dtype) * scaled_on).sum()
         out = IMTLOutput(grad_loss, scaled)
         if not bool(info.finite):
             if amp is not None:
                 # Tell the scaler as an overflowing backward would: NaN in .grad, so that
                 # scaler.step skips the step and scaler.update backs off.
-                torch.autograd.backward([vector], [torch.full_like(vector, float("nan"))],
-                                        retain_graph=self.retain_graph)
+                if mine_items:
+                    lost = torch.stack([x.reshape(()) for x in mine_items])
+                    torch.autograd.backward([lost], [torch.full_like(lost, float("nan"))],
+                                            retain_graph=self.retain_graph)
                 return out
             warnings.warn("IMTL: a loss, a loss scale or a task gradient is not finite; no .grad "
                           "was written and the scales did not move. Skip optimizer.step() for "
                           "this batch.", RuntimeWarning, stacklevel=3)
             return out
         if self._owns_rule:
-            self._store(_put(state, new_sub, idx, len(items)))
+            self._store(new_sub if every else _put(state, new_sub, idx, len(items)))
 
-        roots = [vector]
-        cotangents = [_amp(proposal.weights.task, amp).to(device=vector.device,
-                                                          dtype=vector.dtype)]
+        roots: list[Tensor] = []
+        cotangents: list[Tensor] = []
+        if not mine:
+            # Nothing active here but elsewhere: zeros through the shared tensors, so that a
+            # DistributedDataParallel encoder is reduced on every rank.
+            roots = [t for t in targets if t.requires_grad]
+            cotangents = [torch.zeros_like(t) for t in roots]
+        elif rows is None:
+            # No task rows ('loss', 'equal'): one backward of Σ_t w_t ℓ_t writes everything.
+            roots.append(torch.stack([x.reshape(()) for x in mine_items]))
+            cotangents.append(_amp(w_task, amp).to(device=values.device, dtype=roots[0].dtype))
+        else:
+            # The shared tensors get Σ_t α_t c_t ∇ℓ_t, the heads' leaves Σ_t c_t ∇ℓ_t from the
+            # rows' backward passes: no second pass through the heads.
+            roots.extend(targets)
+            cotangents.extend(g.to(t.dtype) for g, t in zip(shared, targets, strict=True))
+            heads = rows.head_grads(graph, None if factor is None else factor.to(values.device))
+            for leaf, g in zip(graph.leaves, heads, strict=True):
+                if g is not None:
+                    roots.append(leaf)
+                    cotangents.append(g)
         if (self.log_scale is not None and self.log_scale.requires_grad
                 and not self._owns_rule):
             roots.append(self.log_scale)
-            # S·(e^s ℓ − 1): the scaler's unscale_ of .grad leaves e^s ℓ − 1 of the raw losses.
-            cotangents.append(_amp(torch.zeros_like(state.log_scale).index_copy(
-                0, idx, info.scale_grad), amp))
-        hooks = []
-        if shared is not None:
-            # The shared tensors receive exactly Σ_t w_shared[t] ∇ℓ_t: a hook replaces whatever
-            # reaches them through the heads (Σ_t w_task[t] ∇ℓ_t) by the IMTL combination.
-            for target, grad in zip(targets, shared, strict=True):
-                hooks.append(target.register_hook(lambda _, grad=grad: grad))
-        try:
+            # A new tensor: autograd may keep a cotangent as the .grad it creates. With a
+            # scaler, S·(e^s ℓ − 1): its unscale_ leaves e^s ℓ − 1 of the raw losses.
+            cotangents.append(_amp(info.scale_grad.clone() if every else torch.zeros_like(
+                state.log_scale).index_copy(0, idx, info.scale_grad), amp))
+        if roots:
             torch.autograd.backward(roots, cotangents, retain_graph=self.retain_graph)
-        finally:
-            for hook in hooks:
-                hook.remove()
         return out
 
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -461,6 +732,40 @@ class IMTL(nn.Module):
         if scaler is None or not scaler.is_enabled():
             return None
         return scaler.scale(torch.ones((), dtype=torch.float32, device=like.device))
+
+    def _reduced(self, values: Tensor, local: list[bool], k_local: Tensor | None,
+                 targets: list[Tensor], error: Exception | None
+                 ) -> tuple[list[int], Tensor, Tensor | None, Tensor]:
+        """Data parallel: the global statistics of the tasks active on any rank.
+
+        Every rank joins the one reduction, whatever it computed (or if it failed). Returns the
+        tasks active on some rank, their global losses and Gramian, and ``R / R_t``.
+        """
+        num = len(local)
+        mask = torch.tensor(local, device=values.device)
+        k_full = None
+        if self._tx.needs_gramian:
+            # The same dtype on every rank (the weights depend on it): the targets', ≥ float32.
+            dtype = torch.float32
+            for t in targets:
+                dtype = torch.promote_types(dtype, t.dtype)
+            k_full = torch.zeros(num, num, dtype=dtype, device=values.device)
+            if k_local is not None and error is None:
+                mine = torch.tensor([i for i, a in enumerate(local) if a], device=values.device)
+                k_full[mine[:, None], mine[None, :]] = k_local.to(dtype)
+        stats = _reduce.active_statistics(self._reduce, values, mask, k_full,
+                                          failed=error is not None)
+        if error is not None:
+            raise error
+        if stats.failed:
+            raise RuntimeError(f"IMTL: {stats.failed} other rank(s) raised an error in this call "
+                               "(see their output); every rank stops here")
+        on = [i for i, c in enumerate(stats.counts.tolist()) if c > 0]
+        if not on:
+            return on, stats.losses, None, stats.counts
+        idx = torch.tensor(on, device=values.device)
+        k = None if stats.gramian is None else stats.gramian[idx[:, None], idx[None, :]]
+        return on, stats.losses[idx], k, stats.replicas / stats.counts[idx]
 
     def _state(self, like: Tensor) -> IMTLState:
         """The whole [T] state: the log-scales (zeros without scales) and, with a Transform,
@@ -527,15 +832,19 @@ def _loss_items(losses: Sequence[Tensor] | Tensor) -> list[Tensor]:
     return items
 
 
-def _check_reached(vector: Tensor, targets: list[Tensor], what: str) -> None:
-    """Raise unless every target requires grad and some active loss depends on it."""
+def _check_reached(losses: list[Tensor], targets: list[Tensor], what: str) -> _Graph:
+    """Raise unless every target requires grad and some active loss depends on it; return the
+    graph between the losses and the targets (:func:`_walk`)."""
     for i, t in enumerate(targets):
         if not t.requires_grad:
             raise ValueError(f"{what} #{i} (shape {tuple(t.shape)}) does not require grad, so no "
                              "loss can depend on it; pass the encoder output itself, not a "
                              "detached copy")
-    for i, ok in enumerate(_reached([vector], targets)):
+    graph = _walk(losses, targets)
+    for i, ok in enumerate(graph.reached):
         if not ok:
             raise ValueError(f"no active loss depends on {what} #{i} (shape "
                              f"{tuple(targets[i].shape)}); pass the tensors that lead to the "
-                             "losses")
+                             "losses (DistributedDataParallel with find_unused_parameters=True "
+                             "returns copies of its outputs: see the IMTL docs)")
+    return graph

@@ -317,8 +317,9 @@ def test_the_torchrun_example_runs_on_two_gloo_ranks(capfd, flags):
     spawn(_example_worker, _free_port(), 5, *flags)
     out = capfd.readouterr().out
     assert "step    4" in out
-    # 612 float32 parameters; T = 4: (16 + 4 + 2) float64 statistics
-    expected = "[168]" if flags else "[168, 2448]"
+    # 612 float32 parameters; T = 4: (16 + 4 + 1) float64 statistics, nn.IMTL with the T
+    # per-task activity counts too: (16 + 8 + 1)
+    expected = "[200]" if flags else "[168, 2448]"
     assert f"all-reduce bytes per step {expected}; shared gradients 2176 B, all gradients 2448 B"\
         in out
     assert "largest difference between ranks 0.0e+00" in out
@@ -352,6 +353,181 @@ def test_imtl_module_under_ddp_skips_on_every_rank(ranks, case):
     assert torch.equal(ref["finite"], expected)
     _assert_tree_close(r0["params"], ref["params"], atol=1e-5)
     torch.testing.assert_close(r0["log_scale"], ref["log_scale"], rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- divergent tasks
+
+# Which tasks each rank computes at each step (rank 0, rank 1): a task switched off on one rank,
+# every task off on one rank, a task off everywhere, and nothing on anywhere.
+ACTIVITY = [((1, 1, 1), (1, 1, 1)),
+            ((1, 0, 1), (1, 1, 1)),
+            ((0, 0, 0), (1, 1, 0)),
+            ((1, 1, 1), (0, 1, 1)),
+            ((0, 0, 0), (0, 0, 0)),
+            ((0, 1, 1), (1, 0, 1))]
+TASK_SCALES = (1.0, 10.0, 0.1)
+
+
+class TaskNet(nn.Module):
+    """One head per task (a head whose task is off is not run), or one head for all tasks."""
+
+    def __init__(self, shared_head: bool = False):
+        super().__init__()
+        torch.manual_seed(5)
+        self.encoder = nn.Linear(IN, HIDDEN)
+        self.heads = (nn.Linear(HIDDEN, NUM_TASKS) if shared_head else
+                      nn.ModuleList(nn.Linear(HIDDEN, 1) for _ in range(NUM_TASKS)))
+
+    def head(self, t, z):
+        if isinstance(self.heads, nn.Linear):
+            return self.heads(z)[:, t]
+        return self.heads[t](z).squeeze(-1)
+
+    def forward(self, x, y, active):
+        """Task t's loss on this slice; a task that is off: a NaN constant (no graph)."""
+        z = torch.tanh(self.encoder(x))
+        nan = torch.tensor(float("nan"))
+        return z, [TASK_SCALES[t] * ((self.head(t, z) - y[:, t]) ** 2).mean()
+                   if on else nan for t, on in enumerate(active)]
+
+
+def train_diverging(method: str, reduce=None, rank: int | None = None,
+                    shared_head: bool = False):
+    """SGD steps with the tasks of ACTIVITY; ``rank=None``: one process on the global batch,
+    where task t's loss is its mean over the slices of the ranks that compute it.
+
+    The network's gradients are averaged over the ranks as DDP does (a missing gradient counts
+    as zeros): DDP itself cannot reduce a head that gets no gradient on some rank.
+    """
+    net = TaskNet(shared_head)
+    model = net
+    module = IMTL(method, NUM_TASKS, reduce=reduce)
+    optimizer = torch.optim.SGD([*net.parameters(), *module.parameters()], lr=LR)
+    alphas, active = [], []
+    for i, per_rank in enumerate(ACTIVITY):
+        x, y = global_batch(i)
+        if rank is None:
+            rows = [torch.cat([torch.arange(r * LOCAL_BATCH, (r + 1) * LOCAL_BATCH)
+                               for r in range(WORLD) if per_rank[r][t]] or [torch.arange(0)])
+                    for t in range(NUM_TASKS)]
+            z, _ = model(x, y, (0,) * NUM_TASKS)
+            losses = []
+            for t in range(NUM_TASKS):
+                if len(rows[t]):
+                    pred = net.head(t, z[rows[t]])
+                    losses.append(TASK_SCALES[t] * ((pred - y[rows[t], t]) ** 2).mean())
+                else:
+                    losses.append(torch.tensor(float("nan")))
+        else:
+            x, y = local_batch(i, rank)
+            z, losses = model(x, y, per_rank[rank])
+        module(z, losses)
+        if rank is not None:
+            for p in net.parameters():
+                grad = torch.zeros_like(p) if p.grad is None else p.grad
+                dist.all_reduce(grad)
+                p.grad = grad / WORLD
+        optimizer.step()
+        optimizer.zero_grad()
+        alphas.append(None if module.info is None else module.info.alpha.detach().clone())
+        active.append(module.active)
+    scales = None if module.log_scale is None else module.log_scale.detach().clone()
+    return {"params": {k: v.detach().clone() for k, v in net.named_parameters()},
+            "log_scale": scales, "alpha": alphas, "active": active}
+
+
+def _diverging_worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    from datetime import timedelta
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD, timeout=timedelta(seconds=15))
+    try:
+        reduce = imtl_dist.all_sum()
+        results = {(method, shared): train_diverging(method, reduce, rank, shared)
+                   for method in METHODS for shared in (False, True)}
+        # an error on rank 1 only (its losses do not depend on the z it passes): every rank
+        # raises, and the next call pairs the same collectives again
+        module, net = IMTL("hybrid", NUM_TASKS, reduce=reduce), TaskNet()
+        z, losses = net(*local_batch(0, rank), (1, 1, 1))
+        try:
+            module(z.detach().requires_grad_() if rank == 1 else z, losses)
+            results["error"] = None
+        except (ValueError, RuntimeError) as exc:
+            results["error"] = f"{type(exc).__name__}: {exc}"
+        if rank == 0:          # evaluation on one rank: no communication under no_grad
+            with torch.no_grad():
+                module(*net(*local_batch(2, rank), (1, 1, 1)))
+        z, losses = net(*local_batch(1, rank), (1, 1, 1))
+        module(z, losses)
+        results["after"] = module.info.alpha
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def diverging(tmp_path_factory):
+    out = tmp_path_factory.mktemp("diverging")
+    train_diverging("hybrid")
+    spawn(_diverging_worker, _free_port(), str(out), timeout=40.0)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("shared_head", [False, True], ids=["separate-heads", "one-head"])
+@pytest.mark.parametrize("method", METHODS)
+def test_ranks_with_different_active_tasks_agree_with_one_process(diverging, method,
+                                                                  shared_head):
+    """A task on on any rank is on: its loss is the mean over the ranks that compute it, its
+    gradient that of the examples of those ranks; a rank with no task on still joins in."""
+    got, other = diverging[0][method, shared_head], diverging[1][method, shared_head]
+    ref = train_diverging(method, shared_head=shared_head)
+    on_anywhere = [tuple(bool(a or b) for a, b in zip(*per_rank, strict=True))
+                   for per_rank in ACTIVITY]
+    assert got["active"] == other["active"] == ref["active"] == on_anywhere
+    for a, b, r in zip(got["alpha"], other["alpha"], ref["alpha"], strict=True):
+        assert (a is None) == (b is None) == (r is None)
+        if a is not None:
+            assert torch.equal(a, b)
+            torch.testing.assert_close(a, r, rtol=0, atol=1e-6)
+    _assert_tree_equal(got["params"], other["params"])
+    _assert_tree_close(got["params"], ref["params"], atol=1e-6)
+    if method != "gradient":
+        assert torch.equal(got["log_scale"], other["log_scale"])
+        torch.testing.assert_close(got["log_scale"], ref["log_scale"], rtol=0, atol=1e-6)
+        assert float(got["log_scale"].abs().min()) > 0.01          # every scale moved
+
+
+def test_an_error_on_one_rank_is_raised_on_every_rank(diverging):
+    """The ranks then go on in step; a no_grad call on one rank alone (evaluation) does not
+    communicate."""
+    assert diverging[1]["error"].startswith("ValueError: no active loss depends on the feature z")
+    assert diverging[0]["error"] == ("RuntimeError: IMTL: 1 other rank(s) raised an error in "
+                                     "this call (see their output); every rank stops here")
+    assert torch.equal(diverging[0]["after"], diverging[1]["after"])
+
+
+def test_the_example_sets_a_timeout_on_the_process_group(monkeypatch):
+    """A stalled rank must not hang the others for torch's default 30 minutes."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "ddp_train.py"
+    spec = importlib.util.spec_from_file_location("ddp_train_timeout", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    seen = {}
+
+    def fake_init(*args, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(dist, "init_process_group", fake_init)
+    for argv, want in [([], 300.0), (["--timeout", "42"], 42.0)]:
+        monkeypatch.setattr(sys, "argv", ["ddp_train.py", *argv])
+        with pytest.raises(SystemExit):
+            module.main()
+        assert seen["timeout"].total_seconds() == want
 
 
 def test_module_refuses_the_parameter_level_call_with_reduce():

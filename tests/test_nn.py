@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import itertools
 import warnings
 
@@ -25,15 +26,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(nn.Module):
-    def __init__(self, num_tasks: int = 3, width: int = 6) -> None:
+    def __init__(self, num_tasks: int = 3, width: int = 6, shared_head: bool = False) -> None:
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, width), nn.Tanh())
-        self.heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(num_tasks))
+        self.heads = (nn.Linear(width, num_tasks) if shared_head else
+                      nn.ModuleList(nn.Linear(width, 1) for _ in range(num_tasks)))
 
 
-def make_problem(seed: int = 0, num_tasks: int = 3):
+def make_problem(seed: int = 0, num_tasks: int = 3, shared_head: bool = False):
     torch.manual_seed(seed)
-    net = Net(num_tasks).double()
+    net = Net(num_tasks, shared_head=shared_head).double()
     x = torch.randn(16, 4, dtype=torch.float64)
     ys = [c * torch.randn(16, 1, dtype=torch.float64) for c in (0.1, 1.0, 10.0)[:num_tasks]]
     return net, x, ys
@@ -41,6 +43,9 @@ def make_problem(seed: int = 0, num_tasks: int = 3):
 
 def forward(net: Net, x, ys):
     z = net.encoder(x)
+    if isinstance(net.heads, nn.Linear):  # one head for every task: column t is task t's
+        out = net.heads(z)
+        return z, [((out[:, t : t + 1] - y) ** 2).mean() for t, y in enumerate(ys)]
     return z, [((h(z) - y) ** 2).mean() for h, y in zip(net.heads, ys, strict=True)]
 
 
@@ -165,6 +170,20 @@ def test_grads_equal_core_and_paper_reference(method, level):
     assert module.finite and module.active == (True, True, True)
 
 
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("method", METHODS)
+def test_a_head_shared_by_every_task_gives_the_reference_grads(method, level):
+    """One head for all tasks (one backward per task instead of one for all)."""
+    net, x, ys = make_problem(shared_head=True)
+    module, _ = run_module(method, level, net, x, ys)
+    ref_shared, ref_heads, ref_s = reference(method, level, net, x, ys, LOG_SCALE)
+    got = grads_of(net.parameters())
+    for a, b in zip(got, ref_shared + ref_heads, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    if method == "hybrid":
+        torch.testing.assert_close(module.log_scale.grad, ref_s, **TOL)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_returned_values_are_detached_and_documented(method):
     net, x, ys = make_problem()
@@ -193,20 +212,34 @@ def test_gradients_accumulate_like_backward(level):
         torch.testing.assert_close(b, 2 * a + 1.0, **TOL)
 
 
-def test_one_batched_pass_for_all_task_gradients(monkeypatch):
+def test_one_backward_for_the_rows_and_one_to_write_the_gradients(monkeypatch):
+    """Separate heads: one backward through the heads gives every task row, one more writes the
+    gradients; a head shared by the tasks or the parameter level: one backward per task; 'loss'
+    needs no rows: one backward in all."""
     calls = []
-    original = torch.autograd.grad
+    grad, backward = torch.autograd.grad, torch.autograd.backward
 
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("is_grads_batched", False))
-        return original(*args, **kwargs)
+    def counting_grad(*args, **kwargs):
+        calls.append("batched" if kwargs.get("is_grads_batched") else "grad")
+        return grad(*args, **kwargs)
 
-    monkeypatch.setattr(torch.autograd, "grad", counting)
-    net, x, ys = make_problem()
-    run_module("hybrid", "feature", net, x, ys)
-    run_module("gradient", "parameter", net, x, ys)
-    run_module("loss", "feature", net, x, ys)
-    assert calls == [True, True]  # 'loss' needs no task gradients at all
+    def counting_backward(*args, **kwargs):
+        calls.append("backward")
+        return backward(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    monkeypatch.setattr(torch.autograd, "backward", counting_backward)
+    for method, level, shared_head, want in [
+            ("hybrid", "feature", False, ["grad", "backward"]),
+            ("gradient", "feature", False, ["grad", "backward"]),
+            ("hybrid", "feature", True, ["grad"] * 3 + ["backward"]),
+            ("gradient", "parameter", False, ["grad"] * 3 + ["backward"]),
+            ("loss", "feature", False, ["backward"]),
+            ("loss", "parameter", True, ["backward"])]:
+        net, x, ys = make_problem(shared_head=shared_head)
+        calls.clear()
+        run_module(method, level, net, x, ys)
+        assert calls == want, (method, level, shared_head)
 
 
 def test_tensor_losses_and_multi_tensor_feature():
@@ -441,6 +474,130 @@ def test_non_finite_leaves_grad_untouched_and_reports(kind, level):
         warnings.simplefilter("error")
         module(z, losses)
     assert module.finite
+
+
+# ----------------------------------------------------------------------------- hooks
+
+
+def feature_combination(net: Net, x, ys, log_scale) -> torch.Tensor:
+    """float64 reference of what z receives ('hybrid'): Σ_t α_t ∇_z L_t, paper's α."""
+    z, losses = forward(net, x, ys)
+    s = torch.as_tensor(log_scale, dtype=torch.float64)
+    rows = torch.stack([torch.autograd.grad(torch.exp(s[t]) * losses[t], z)[0].reshape(-1)
+                        for t in range(len(losses))])
+    return (paper_alpha(rows) @ rows).view_as(z)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_a_logging_hook_on_a_shared_tensor_sees_what_it_receives(level):
+    """A hook calling .detach() (a common logging hook) works, fires once per call and sees the
+    IMTL gradient of the tensor it is on; hooks on the heads see the head gradient."""
+    net, x, ys = make_problem()
+    run_module("hybrid", level, net, x, ys)
+    want = grads_of(net.parameters())
+    net.zero_grad()
+    seen, seen_head = [], []
+    z, losses = forward(net, x, ys)
+    shared = z if level == "feature" else net.encoder[0].weight
+    handles = [shared.register_hook(lambda g: seen.append(g.detach().clone())),
+               net.heads[2].weight.register_hook(lambda g: seen_head.append(g.detach()))]
+    module = make_module("hybrid")
+    if level == "feature":
+        module(z, losses)
+    else:
+        module.backward(shared_parameters=net.encoder.parameters(), losses=losses)
+    for h in handles:
+        h.remove()
+    assert_grads(net, want)
+    assert len(seen) == 1 and len(seen_head) == 1
+    expected = feature_combination(net, x, ys, LOG_SCALE) if level == "feature" else want[0]
+    torch.testing.assert_close(seen[0], expected, **TOL)
+    torch.testing.assert_close(seen_head[0], net.heads[2].weight.grad, **TOL)
+
+
+def test_a_hook_on_z_replaces_what_the_encoder_receives():
+    net, x, ys = make_problem()
+    run_module("hybrid", "feature", net, x, ys)
+    want = grads_of(net.parameters())
+    net.zero_grad()
+    z, losses = forward(net, x, ys)
+    z.register_hook(lambda g: 2 * g)
+    make_module("hybrid")(z, losses)
+    n_enc = len(list(net.encoder.parameters()))
+    assert_grads(net, [2 * g if i < n_enc else g for i, g in enumerate(want)])
+
+
+def test_a_parameter_used_by_the_encoder_and_a_head_gets_both_parts():
+    """Tied weights: a parameter reached both through z and directly by a head gets the IMTL
+    combination through z plus the head's own (scaled) gradient."""
+    torch.manual_seed(3)
+    w = nn.Parameter(torch.randn(6, 4, dtype=torch.float64))
+    x = torch.randn(16, 4, dtype=torch.float64)
+    ys = [torch.randn(16, dtype=torch.float64) for _ in range(3)]
+    s = torch.tensor(LOG_SCALE, dtype=torch.float64)
+
+    def losses_of(z):
+        heads = [z.sum(1), (z @ w).sum(1), (z * z).mean(1)]   # head 1 reuses w directly
+        return [((h - y) ** 2).mean() for h, y in zip(heads, ys, strict=True)]
+
+    z = torch.tanh(x @ w.T)
+    module = make_module("hybrid")
+    module(z, losses_of(z))
+    # reference: direct path of head 1 (z held constant) + encoder path of the combination
+    zc = torch.tanh(x @ w.T).detach()
+    (direct,) = torch.autograd.grad(torch.exp(s[1]) * losses_of(zc)[1], w)
+    z = torch.tanh(x @ w.T)
+    zr = z.detach().requires_grad_()
+    rows = torch.stack([torch.autograd.grad(torch.exp(s[t]) * loss, zr)[0].reshape(-1)
+                        for t, loss in enumerate(losses_of(zr))])
+    (through,) = torch.autograd.grad(z, w, grad_outputs=(paper_alpha(rows) @ rows).view_as(z))
+    torch.testing.assert_close(w.grad, direct + through, **TOL)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def test_an_unsized_module_saved_before_its_first_call_loads_with_weights_only():
+    buffer = io.BytesIO()
+    torch.save(IMTL(method="hybrid").state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    lazy = IMTL(method="hybrid")
+    lazy.load_state_dict(state)
+    assert lazy.num_losses is None
+    used = IMTL(method="hybrid").double()
+    used.load_state_dict(state)
+    net, x, ys = make_problem()
+    z, losses = forward(net, x, ys)
+    used(z, losses)
+    assert used.num_losses == 3
+    want = reference("hybrid", "feature", net, x, ys, (0.0, 0.0, 0.0))
+    got = grads_of(net.parameters())
+    for a, b in zip(got, [*want[0], *want[1]], strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    torch.testing.assert_close(used.log_scale.grad, want[2], **TOL)
+
+
+def test_log_scales_beyond_the_bound_give_the_functional_steps_finite_grads():
+    """init_loss=[0, 100, 0]: the step uses e^{clamp(s)} like the functional core."""
+    net, x, ys = make_problem()
+    s = (0.0, 100.0, 0.0)
+    module = IMTL(method="hybrid", init_loss=s).double()
+    z, losses = forward(net, x, ys)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module(z, losses)
+    assert module.finite
+    got = grads_of(net.parameters())
+    assert all(bool(torch.isfinite(g).all()) for g in got)
+    step = core("hybrid", "feature", net, x, ys, s)
+    assert bool(step.info.finite)
+    torch.testing.assert_close(step.info.scale[1], torch.tensor(40.0, dtype=torch.float64).exp())
+    want = [*step.grads.shared.values(), *(g for d in step.grads.task for g in d.values())]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=0)
+    torch.testing.assert_close(module.log_scale.grad, step.info.scale_grad, rtol=1e-12, atol=0)
+    torch.testing.assert_close(module.info.alpha, step.info.alpha, **TOL)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
