@@ -7,7 +7,7 @@ same in eager mode and while `torch.compile` traces a step.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -278,3 +278,52 @@ def micro_batch_weights(value: Any, count: int) -> list[Any]:
         got = len(value) if isinstance(value, (list, tuple)) else type(value).__name__
         raise ValueError(f"weights must hold one weight per micro-batch ({count}), got {got}")
     return [micro_batch_weight(w) for w in value]
+
+
+def flat_tensors(tree: Any, name: str) -> list[Tensor]:
+    """Tensors of a tensor, a mapping or a (nested) iterable of them, in order, without repeats.
+
+    ``[model.parameters()]`` (a list holding a generator) is accepted, as in the original README.
+    """
+    out: list[Tensor] = []
+    seen: set[int] = set()
+
+    def visit(x: Any) -> None:
+        if isinstance(x, Tensor):
+            if id(x) not in seen:
+                seen.add(id(x))
+                out.append(x)
+        elif isinstance(x, Mapping):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, Iterable) and not isinstance(x, (str, bytes)):
+            for v in x:
+                visit(v)
+        else:
+            raise TypeError(f"{name} must hold only tensors, found {type(x).__name__}")
+
+    visit(tree)
+    return out
+
+
+def loss_items(losses: Sequence[Tensor] | Tensor) -> list[Tensor]:
+    """The task losses as a list of one-element floating tensors, with clear errors."""
+    if isinstance(losses, Tensor):
+        if losses.dim() != 1:
+            raise ValueError(f"losses as a tensor must have shape [T], got {tuple(losses.shape)}")
+        items = list(losses.unbind(0))
+    elif isinstance(losses, Sequence) and not isinstance(losses, (str, bytes)):
+        items = list(losses)
+    else:
+        raise TypeError(f"losses must be a list of scalar tensors, got {type(losses).__name__}")
+    if not items:
+        raise ValueError("losses is empty: pass one scalar loss per task")
+    for i, x in enumerate(items):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"losses[{i}] must be a scalar tensor, got {type(x).__name__}")
+        if x.numel() != 1:
+            raise ValueError(f"losses[{i}] must be a scalar, got shape {tuple(x.shape)}; reduce "
+                             "each task's loss to one number (e.g. .mean())")
+        if not x.is_floating_point():
+            raise TypeError(f"losses[{i}] must be floating point, got dtype {x.dtype}")
+    return items

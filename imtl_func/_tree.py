@@ -62,3 +62,16 @@ def where(cond: Tensor, tree: PyTree, other: PyTree) -> PyTree:
 def zeros_where_not(cond: Tensor, tree: PyTree) -> PyTree:
     """Leaves of ``tree`` where ``cond`` holds, zeros (never NaN) elsewhere."""
     return tree_map(lambda a: torch.where(cond, a, 0.0), tree)
+
+
+def take_tasks(tree: Any, idx: Tensor, size: int) -> Any:
+    """The active tasks' part of every ``[T, ...]`` leaf; other leaves (step counts) as they are."""
+    return optree.tree_map(lambda x: x[idx] if x.dim() > 0 and x.shape[0] == size else x, tree,
+                           none_is_leaf=False)
+
+
+def put_tasks(full: Any, part: Any, idx: Tensor, size: int) -> Any:
+    """``full`` with the active tasks' rows replaced by ``part`` (inverse of :func:`take_tasks`)."""
+    return optree.tree_map(
+        lambda f, p: f.index_copy(0, idx, p) if f.dim() > 0 and f.shape[0] == size else p,
+        full, part, none_is_leaf=False)
