@@ -152,6 +152,7 @@ class _Rows(NamedTuple):
             # Separate heads: each leaf belongs to one task (checked before this path).
             return [None if g is None else g * factor[min(tasks)].to(g.dtype)
                     for g, tasks in zip(self.heads, graph.leaf_tasks, strict=True)]
+        assert self.per_task is not None  # one of heads / per_task is set
         out: list[Tensor | None] = []
         for j in range(len(graph.leaves)):
             total = None

@@ -269,7 +269,7 @@ class IMTL(ScaleState):
         try:
             if mine:
                 graph = check_reached(mine_items, targets, what)
-            if self._tx.needs_gramian and mine:
+            if self._tx.needs_gramian and graph is not None:  # graph: this rank has tasks
                 # Rows of the scaled losses c_t ℓ_t (c = e^{s}, known before the update): the
                 # heads' gradients then come out of the same backward passes.
                 scales = self._tx.loss_scales(state, values.dtype)[mine]
@@ -297,7 +297,7 @@ class IMTL(ScaleState):
             self.info = None
             return IMTLOutput(scaled.new_zeros(()), scaled)
         every = len(on) == len(items)
-        idx = None if every else torch.tensor(on, device=values.device)
+        idx = torch.tensor(on, device=values.device)
         sub = state if every else take_tasks(state, idx, len(items))
         proposal, _ = weigh(self._tx, sub, vector, len(on), k, None, prescaled=True)
         # This rank's tasks' weights (with reduce: × R / R_t, as DDP divides by R).
@@ -346,6 +346,7 @@ class IMTL(ScaleState):
             # rows' backward passes: no second pass through the heads.
             roots.extend(targets)
             cotangents.extend(g.to(t.dtype) for g, t in zip(shared, targets, strict=True))
+            assert graph is not None  # rows come from this rank's graph
             heads = rows.head_grads(graph, None if factor is None else factor.to(values.device))
             for leaf, g in zip(graph.leaves, heads, strict=True):
                 if g is not None:

@@ -46,14 +46,16 @@ class ScaleState(nn.Module):
                 self.register_buffer("log_scale", state.log_scale)
             else:
                 self.register_parameter("log_scale", None)
-            parts, self._state_spec = optree.tree_flatten(
-                (state.rule_state, state.weighting_state), none_is_leaf=False)
+            tree: Any = (state.rule_state, state.weighting_state)
+            parts: list[Tensor]
+            parts, self._state_spec = optree.tree_flatten(tree, none_is_leaf=False)
             for i, x in enumerate(parts):
                 self.register_buffer(f"_state_{i}", x)
         elif not self._tx.learns_scales:
             self.register_parameter("log_scale", None)
         elif num_losses is None:
-            self.log_scale = UninitializedParameter(dtype=dtype)
+            # torch's stub annotates UninitializedParameter.__new__ as returning None.
+            self.log_scale = UninitializedParameter(dtype=dtype)  # type: ignore[call-arg]
         else:
             state = self._tx.init(num_losses, log_scale=init_loss, dtype=dtype)
             self.log_scale = nn.Parameter(state.log_scale)
@@ -122,6 +124,7 @@ class ScaleState(nn.Module):
     def _store(self, state: IMTLState) -> None:
         if self.log_scale is not None:
             self.log_scale.copy_(state.log_scale)
-        parts = optree.tree_leaves((state.rule_state, state.weighting_state), none_is_leaf=False)
+        tree: Any = (state.rule_state, state.weighting_state)
+        parts: list[Tensor] = optree.tree_leaves(tree, none_is_leaf=False)
         for i, x in enumerate(parts):
             getattr(self, f"_state_{i}").copy_(x)
