@@ -16,10 +16,11 @@
 """
 
 from imtl_func import distributed, nn
-from imtl_func._accumulate import AccumulatedStats, AccumulationPlan, Accumulator, accumulate
+from imtl_func._accumulate import Accumulator, accumulate
 from imtl_func._gramian import gramian
 from imtl_func._imtl_g import GWeights, IMTLGStats, imtl_g, imtl_g_weights
 from imtl_func._jacobian import task_jacobian
+from imtl_func._micro_batches import AccumulatedStats, AccumulationPlan
 from imtl_func._optim import amp_scale, apply_updates
 from imtl_func._pipeline import Grads, Losses, StepResult
 from imtl_func._presets import preset

@@ -28,7 +28,7 @@ w_m``; ``w_m = 1`` for equal sizes, ``w_m = n_m`` for sizes ``n_m``), the big ba
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, overload
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,80 +36,20 @@ from torch import Tensor
 from imtl_func import _checks, _reduce
 from imtl_func._gate import gate
 from imtl_func._jacobian import pullback_rows, vjp, vjp_with_aux
+from imtl_func._micro_batches import (
+    AccumulatedStats,
+    AccumulationPlan,
+    add,
+    as_weight,
+    rng_state,
+    set_rng_state,
+)
 from imtl_func._pipeline import Grads, Losses, StepResult, finish, rows_gramian, weigh, with_extra
 from imtl_func._steps import FeatureSpec, Step, _detached, _eye, _loss_vector, _vjp
-from imtl_func._transform import IMTLState, Info, Proposal, Transform
+from imtl_func._transform import IMTLState, Transform
 from imtl_func._tree import PyTree, tree_map
 
 __all__ = ["AccumulatedStats", "AccumulationPlan", "Accumulator", "accumulate"]
-
-
-class AccumulatedStats(NamedTuple):
-    """Running sums of pass 1 over the micro-batches seen so far.
-
-    Attributes:
-        weight: ``[]`` float64, ``W = Σ_m w_m``.
-        losses: ``[T]`` ``Σ_m w_m ℓ_m`` (the raw task losses), in the losses' dtype.
-        extra: ``[]`` ``Σ_m w_m extra_m`` of a :class:`~imtl_func.Losses` ``extra``, or None.
-        gramian: ``[T, T]`` ``Σ_m w_m² K_m`` of the feature-level task gradients (with the loss
-            scales for per-task decoders), in the Gramian's dtype; None when the weighting needs
-            no Gramian.
-
-    Every sum is added in float64 and stored in the dtype one micro-batch gives.
-    """
-
-    weight: Tensor
-    losses: Tensor
-    extra: Tensor | None
-    gramian: Tensor | None
-
-
-class AccumulationPlan(NamedTuple):
-    """The big batch's weights, between the two passes.
-
-    Attributes:
-        info: the :class:`~imtl_func.Info` the step will report, pre-gated on the statistics
-            alone: ``info.finite`` is False when the big batch's losses, scales, Gramian or new
-            state are not finite (pass 2 can then be skipped: the step will be skipped anyway).
-            :meth:`Accumulator.finish` gates again with the gradients.
-        state: the state the step started from (kept when the gate trips).
-        weight: ``[]`` float64, ``W = Σ_m w_m``.
-        proposal: the transform's proposal (weights, new state) that :meth:`~Accumulator.finish`
-            gates.
-        replicas: the number of replicas with a ``reduce`` (None without).
-    """
-
-    info: Info
-    state: IMTLState
-    weight: Tensor
-    proposal: Proposal
-    replicas: Tensor | None
-
-
-def _weight(value: Any, device: torch.device) -> Tensor:
-    """A micro-batch weight as a float64 ``[]`` tensor on ``device``."""
-    value = _checks.micro_batch_weight(value)
-    if isinstance(value, Tensor):
-        return value.detach().to(device=device, dtype=torch.float64)
-    return torch.tensor(value, dtype=torch.float64, device=device)
-
-
-@overload
-def _add(total: Tensor | None, x: Tensor, factor: Tensor) -> Tensor: ...
-
-
-@overload
-def _add(total: Tensor | None, x: Tensor | None, factor: Tensor) -> Tensor | None: ...
-
-
-def _add(total: Tensor | None, x: Tensor | None, factor: Tensor) -> Tensor | None:
-    """``total + factor · x``, computed in float64, stored in ``x``'s dtype."""
-    if x is None:
-        return None
-    new = factor * x.detach().to(torch.float64)
-    if total is not None:
-        new = total.to(torch.float64) + new
-    return new.to(x.dtype)
 
 
 def _call(fn: Callable[..., Any], has_aux: bool, where: str, *args: Any) -> tuple[Tensor, int]:
@@ -132,18 +72,6 @@ def _features(spec: FeatureSpec, out: Any) -> PyTree:
         out = out[0]
     _checks.params(out, "the features returned by encode")
     return out
-
-
-def _rng_state() -> tuple[Tensor, list[Tensor] | None]:
-    """The random generators' states (CPU, and CUDA once initialised)."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    return torch.random.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
-    torch.random.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
 
 
 class Accumulator:
@@ -227,18 +155,18 @@ class Accumulator:
             _checks.losses(vector[:size], num_tasks, "decode")
         losses = vector[:size]
         extra = vector[size] if vector.shape[0] > size else None
-        w = _weight(weight, vector.device)
+        w = as_weight(weight, vector.device)
         if stats is None:
-            return AccumulatedStats(w, _add(None, losses, w), _add(None, extra, w),
-                                    _add(None, k, w * w))
+            return AccumulatedStats(w, add(None, losses, w), add(None, extra, w),
+                                    add(None, k, w * w))
         if stats.losses.shape != losses.shape or (stats.extra is None) != (extra is None):
             raise ValueError(
                 f"statistics: this micro-batch has {losses.shape[0]} task losses"
                 f"{' and an extra loss' if extra is not None else ''} but the statistics hold "
                 f"{stats.losses.shape[0]}{' and an extra loss' if stats.extra is not None else ''}"
                 "; every micro-batch of one step needs the same tasks")
-        return AccumulatedStats(stats.weight + w, _add(stats.losses, losses, w),
-                                _add(stats.extra, extra, w), _add(stats.gramian, k, w * w))
+        return AccumulatedStats(stats.weight + w, add(stats.losses, losses, w),
+                                add(stats.extra, extra, w), add(stats.gramian, k, w * w))
 
     # ------------------------------------------------------------------------------ weigh
 
@@ -309,7 +237,7 @@ class Accumulator:
             (features, enc_pullback), enc_aux = vjp(enc, _detached(shared_params)), None
         _checks.params(features, "the features returned by encode")
         weights, dec_aux = plan.proposal.weights, None
-        share = _weight(weight, plan.weight.device) / plan.weight  # w_m / W
+        share = as_weight(weight, plan.weight.device) / plan.weight  # w_m / W
         if spec.heads is not None:
             heads = spec.heads
 
@@ -395,12 +323,12 @@ class Accumulator:
         batches = _checks.micro_batches(micro_batches)
         ws = [1.0] * len(batches) if weights is None else _checks.micro_batch_weights(
             weights, len(batches))
-        rng = _rng_state()
+        rng = rng_state()
         stats = None
         for batch, w in zip(batches, ws, strict=True):
             stats = self.statistics(shared_params, task_params, state, stats, *batch, weight=w)
         plan = self.weigh(state, stats)
-        _set_rng_state(rng)
+        set_rng_state(rng)
         grads, auxes = None, []
         for batch, w in zip(batches, ws, strict=True):
             grads, aux = self.gradients(shared_params, task_params, plan, grads, *batch,
