@@ -20,7 +20,7 @@ from imtl_func._tree import PyTree, all_finite, where, zeros_where_not
 __all__ = ["gate"]
 
 
-def gate(proposal: Proposal, state: IMTLState, grads: PyTree = None
+def gate(proposal: Proposal, state: IMTLState, grads: PyTree = None, *, owned: bool = False
          ) -> tuple[Any, IMTLState, Info]:
     """Accept ``proposal`` (and ``grads``) if everything is finite, else keep ``state``.
 
@@ -28,6 +28,9 @@ def gate(proposal: Proposal, state: IMTLState, grads: PyTree = None
         proposal: what the transform proposed for this step.
         state: the state before the step.
         grads: the combined gradients (any pytree), or None.
+        owned: the caller owns ``grads`` (fresh tensors that nobody else holds, e.g. just
+            returned by a backward): zeroing may then happen in place, and the returned
+            gradients may be the given tensors.
 
     Returns:
         ``(grads, state, info)``: ``grads`` as given or zeros, the proposed or the old state, and
@@ -49,7 +52,7 @@ def gate(proposal: Proposal, state: IMTLState, grads: PyTree = None
     finite = ~(bad_losses.any() | bad_scales.any() | bad_gramian.any() | bad_grads | bad_state)
     nonfinite = NonFinite(bad_losses[:num_tasks], bad_scales, bad_gramian, bad_grads, bad_state)
     info = proposal.info._replace(finite=finite, nonfinite=nonfinite)
-    grads = None if grads is None else zeros_where_not(finite, grads)
+    grads = None if grads is None else zeros_where_not(finite, grads, in_place=owned)
     return grads, where(finite, proposal.state, state), info
 
 
