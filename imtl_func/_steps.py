@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge
 from torch.func import vjp
 
 from imtl_func import _checks, _reduce
@@ -92,6 +93,23 @@ def _loss_vector(out: Any, where: str) -> tuple[Tensor, int]:
         return torch.cat([out.per_task, extra]), out.per_task.shape[0]
     _checks.losses(out, None, where)
     return out, out.shape[0]
+
+
+def _loss_parts(out: Any, has_aux: bool, where: str
+                ) -> tuple[Tensor, Tensor | None, Any]:
+    """A loss function's output, checked: ``(per_task [T], extra scalar or None, aux)``."""
+    aux = None
+    if has_aux:
+        if not isinstance(out, tuple) or isinstance(out, Losses) or len(out) != 2:
+            raise ValueError(f"{where} was declared has_aux=True, so it must return "
+                             "(losses, aux)")
+        out, aux = out
+    if isinstance(out, Losses):
+        _checks.losses(out.per_task, None, where)
+        if out.extra is not None:
+            _checks.extra_loss(out.extra, where)
+        return out.per_task, out.extra, aux
+    return _checks.losses(out, None, where), None, aux
 
 
 def _loss_output(out: Any, has_aux: bool, where: str) -> tuple[Tensor, int, Any]:
@@ -301,6 +319,20 @@ def mtl_value_and_grad(
             return _per_task(tx, heads, enc, encoder_has_aux, task_params, state, batch, reduce,
                              plain)
 
+        if plain and tx.needs_gramian:
+            vector, num_tasks, rows, extra, g_task, dec_aux = _decoded_rows(
+                tx, decode, has_aux, enc.features, task_params, state, batch, chunk_size)
+            proposal, count = weigh(tx, state, vector, num_tasks,
+                                    rows_gramian(rows, num_tasks), reduce, prescaled=True)
+            cotangent = combine(proposal.weights.shared, rows, num_tasks)
+            del rows
+            if extra is not None:
+                cotangent = tree_map(torch.add, cotangent, extra)
+            grads = Grads(*_reduce.mean(reduce, count, (enc.pullback(cotangent), g_task)))
+            aux = None if not (encoder_has_aux or has_aux) else (enc.aux, dec_aux)
+            return finish(proposal, state, grads, aux, num_tasks,
+                          owned=_owned(grads, task_params, enc.features, batch))
+
         def dec(tp: PyTree, z: PyTree) -> Any:
             return decode(tp, z, *batch)
 
@@ -329,6 +361,97 @@ def mtl_value_and_grad(
 def _cot(weights: Tensor, vector: Tensor) -> Tensor:
     """Weights as the cotangent of ``vector`` (weight 1 on an extra loss)."""
     return with_extra(weights, vector.shape[0], vector.dtype)
+
+
+def _decoded_rows(
+    tx: Transform,
+    decode: Callable[..., Any],
+    has_aux: bool,
+    features: PyTree,
+    task_params: PyTree,
+    state: IMTLState,
+    batch: tuple[Any, ...],
+    chunk_size: int | None,
+) -> tuple[Tensor, int, PyTree, PyTree | None, PyTree, Any]:
+    """A general ``decode``'s task rows at the features by plain autograd (eager).
+
+    The rows carry the scales ``c = e^{s}`` (as in the per-task path): row t is
+    ``c_t ∇_z ℓ_t``. When ``decode`` stacks T scalars (``torch.stack([ℓ_1, ..., ℓ_T])``), row
+    t is one backward from ``ℓ_t`` alone, through its own head only (T head backwards in all,
+    as for per-task decoders, instead of T²); otherwise one batched backward of the whole
+    ``[T]`` vector per row (``chunk_size`` rows at a time, ``1``: a loop).
+
+    Returns:
+        ``(vector [T] or [T + 1] detached, T, rows like features with leaves [T, ...], the
+        extra loss's gradient at the features or None, task gradient Σ_t c_t ∇ℓ_t (+ the extra
+        loss's), decoder aux)``.
+    """
+    tp, tp_in = _track(task_params)
+    z, z_in = _track(features)
+    with torch.enable_grad():
+        per_task, extra, aux = _loss_parts(decode(tp, z, *batch), has_aux, "decode")
+    _checks.differentiable(per_task if extra is None else torch.cat(
+        [per_task, extra.reshape(1).to(per_task.dtype)]), "decode")
+    num_tasks = _checks.losses(per_task, state.log_scale.shape[0], "IMTL update").shape[0]
+    c = tx.loss_scales(state, per_task.dtype).to(per_task.dtype)
+    inputs, n = [*z_in, *tp_in], len(z_in)
+    last = extra is None or not extra.requires_grad
+    edges = _task_edges(per_task)
+    if edges is not None:
+        rows: list[list[Tensor]] = [[] for _ in z_in]
+        g_task: list[Tensor | None] = [None] * len(tp_in)
+        for t, edge in enumerate(edges):
+            if edge is None:  # a constant loss: a zero row
+                g = [None] * len(inputs)
+            else:
+                g = list(torch.autograd.grad(edge, inputs, c[t], allow_unused=True,
+                                             retain_graph=not (last and t == num_tasks - 1)))
+            for i in range(n):
+                rows[i].append(torch.zeros_like(inputs[i]) if g[i] is None else g[i])
+            g_task = [a if b is None else b if a is None else a + b
+                      for a, b in zip(g_task, g[n:], strict=True)]
+            del g
+        stacked = [torch.stack(r) for r in rows]
+        del rows
+        task = [torch.zeros_like(x) if a is None else a for a, x in zip(g_task, tp_in,
+                                                                        strict=True)]
+    else:
+        cot = torch.diag(c)
+        parts = [cot[i:i + (chunk_size or num_tasks)]
+                 for i in range(0, num_tasks, chunk_size or num_tasks)]
+        if chunk_size == 1:
+            got = [_grad([per_task], [p[0]], inputs, retain=True) for p in parts]
+            got = [[torch.stack(x) for x in zip(*got, strict=True)]]
+        else:
+            got = [list(torch.autograd.grad(per_task, inputs, p, retain_graph=True,
+                                            is_grads_batched=True, allow_unused=True,
+                                            materialize_grads=True)) for p in parts]
+        stacked = [torch.cat(x) if len(x) > 1 else x[0] for x in zip(*got, strict=True)]
+        del got
+        task = [r.sum(0) for r in stacked[n:]]
+        stacked = stacked[:n]
+    extra_z = None
+    vector = per_task.detach()
+    if extra is not None:
+        g = _grad([extra], [torch.ones_like(extra)], inputs)
+        extra_z = unflatten(features, g[:n])
+        task = [a + b for a, b in zip(task, g[n:], strict=True)]
+        vector = torch.cat([vector, extra.detach().reshape(1).to(vector.dtype)])
+    return (vector, num_tasks, unflatten(features, stacked), extra_z,
+            unflatten(task_params, task), _detached_aux(aux))
+
+
+def _task_edges(per_task: Tensor) -> list[Any] | None:
+    """The autograd edges to the T scalars that ``torch.stack`` made ``per_task`` of (None
+    for a constant one), or None when ``per_task`` was not made so."""
+    node = per_task.grad_fn
+    if node is None or node.name() != "StackBackward0":
+        return None
+    nexts = node.next_functions
+    if len(nexts) != per_task.shape[0] or any(
+            fn is not None and fn.name().endswith("AccumulateGrad") for fn, _ in nexts):
+        return None
+    return [None if fn is None else GradientEdge(fn, nr) for fn, nr in nexts]
 
 
 def _head_losses(heads: Sequence[Callable[..., Tensor]], task_params: PyTree,
