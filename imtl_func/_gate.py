@@ -15,12 +15,12 @@ from typing import Any
 import torch
 
 from imtl_func._transform import IMTLState, Info, NonFinite, Proposal
-from imtl_func._tree import PyTree, leaf_sums, where, zeros_where_not
+from imtl_func._tree import PyTree, all_finite, where, zeros_where_not
 
 __all__ = ["gate"]
 
 
-def gate(proposal: Proposal, state: IMTLState, grads: PyTree = None, *, owned: bool = False
+def gate(proposal: Proposal, state: IMTLState, grads: PyTree = None
          ) -> tuple[Any, IMTLState, Info]:
     """Accept ``proposal`` (and ``grads``) if everything is finite, else keep ``state``.
 
@@ -28,16 +28,12 @@ def gate(proposal: Proposal, state: IMTLState, grads: PyTree = None, *, owned: b
         proposal: what the transform proposed for this step.
         state: the state before the step.
         grads: the combined gradients (any pytree), or None.
-        owned: the caller owns ``grads`` (fresh tensors that nobody else holds, e.g. just
-            returned by a backward): zeroing may then happen in place, and the returned
-            gradients may be the given tensors.
 
     Returns:
         ``(grads, state, info)``: ``grads`` as given or zeros, the proposed or the old state, and
         the proposal's :class:`Info` with ``finite`` and ``nonfinite`` filled in.
     """
     num_tasks = proposal.info.scale.shape[0]
-    device = proposal.info.scale.device
     bad_losses = ~torch.isfinite(proposal.losses)
     bad_scales = ~torch.isfinite(proposal.info.scale)
     if proposal.gramian is None:
@@ -48,13 +44,12 @@ def gate(proposal: Proposal, state: IMTLState, grads: PyTree = None, *, owned: b
         # bad entry count only when no diagonal entry explains it (an overflowing product).
         diagonal = bad.diagonal()
         bad_gramian = diagonal | (bad.any(1) & ~diagonal.any())
-    # One finiteness test for every gradient and state leaf: a sum per leaf, all in one vector.
-    grad_sums, state_sums = leaf_sums(grads, device), leaf_sums(proposal.state, device)
-    sums = torch.isfinite(torch.stack(grad_sums + state_sums))
-    bad_grads = ~sums[:len(grad_sums)].all()
-    bad_state = ~sums[len(grad_sums):].all()
+    bad_grads = ~all_finite(grads).to(bad_scales.device)
+    bad_state = ~all_finite(proposal.state).to(bad_scales.device)
     finite = ~(bad_losses.any() | bad_scales.any() | bad_gramian.any() | bad_grads | bad_state)
     nonfinite = NonFinite(bad_losses[:num_tasks], bad_scales, bad_gramian, bad_grads, bad_state)
     info = proposal.info._replace(finite=finite, nonfinite=nonfinite)
-    grads = None if grads is None else zeros_where_not(finite, grads, in_place=owned)
+    grads = None if grads is None else zeros_where_not(finite, grads)
     return grads, where(finite, proposal.state, state), info
+
+

@@ -96,8 +96,8 @@ def combine(weights: Tensor, rows: PyTree, size: int) -> PyTree:
     return contract(with_extra(weights, size, torch.float64), rows)
 
 
-def finish(proposal: Proposal, state: IMTLState, grads: Grads, aux: Any, num_tasks: int, *,
-           owned: bool = False) -> StepResult:
-    """Gate the step and package it (``owned``: see :func:`imtl_func._gate.gate`)."""
-    grads, new_state, info = gate(proposal, state, grads, owned=owned)
+def finish(proposal: Proposal, state: IMTLState, grads: Grads, aux: Any, num_tasks: int
+           ) -> StepResult:
+    """Gate the step and package it."""
+    grads, new_state, info = gate(proposal, state, grads)
     return StepResult(proposal.losses[:num_tasks].detach(), grads, new_state, info, aux)

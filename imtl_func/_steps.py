@@ -8,10 +8,7 @@ Two levels, one pipeline (:mod:`imtl_func._pipeline`):
 * parameter level (:func:`value_and_grad`): task gradients with respect to the shared
   parameters themselves, a ``T × |θ|`` Jacobian from one batched backward.
 
-Both are pure functions of their inputs, traceable by ``torch.compile(fullgraph=True)``. An eager
-call differentiates with plain ``torch.autograd`` on fresh leaves that alias the inputs (same
-numbers, without torch.func's per-operation cost); a traced call, or one inside another
-torch.func transform, uses ``torch.func.vjp`` (see :func:`_plain_autograd`).
+Both are pure functions of their inputs, traceable by ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -19,10 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-import optree
 import torch
 from torch import Tensor
-from torch.autograd.graph import GradientEdge
 from torch.func import vjp
 
 from imtl_func import _checks, _reduce
@@ -39,8 +34,8 @@ from imtl_func._pipeline import (
 )
 from imtl_func._presets import resolve
 from imtl_func._scales import ScaleRule
-from imtl_func._transform import IMTLState, Proposal, Transform
-from imtl_func._tree import PyTree, leaves, tree_map, unflatten
+from imtl_func._transform import IMTLState, Transform
+from imtl_func._tree import PyTree, tree_map
 
 __all__ = ["Step", "mtl_value_and_grad", "value_and_grad"]
 
@@ -95,36 +90,6 @@ def _loss_vector(out: Any, where: str) -> tuple[Tensor, int]:
     return out, out.shape[0]
 
 
-def _loss_parts(out: Any, has_aux: bool, where: str
-                ) -> tuple[Tensor, Tensor | None, Any]:
-    """A loss function's output, checked: ``(per_task [T], extra scalar or None, aux)``."""
-    aux = None
-    if has_aux:
-        if not isinstance(out, tuple) or isinstance(out, Losses) or len(out) != 2:
-            raise ValueError(f"{where} was declared has_aux=True, so it must return "
-                             "(losses, aux)")
-        out, aux = out
-    if isinstance(out, Losses):
-        _checks.losses(out.per_task, None, where)
-        if out.extra is not None:
-            _checks.extra_loss(out.extra, where)
-        return out.per_task, out.extra, aux
-    return _checks.losses(out, None, where), None, aux
-
-
-def _loss_output(out: Any, has_aux: bool, where: str) -> tuple[Tensor, int, Any]:
-    """A loss function's output, checked: ``(vector [T] or [T + 1], T, aux or None)``."""
-    aux = None
-    if has_aux:
-        if not isinstance(out, tuple) or isinstance(out, Losses) or len(out) != 2:
-            raise ValueError(f"{where} was declared has_aux=True, so it must return "
-                             "(losses, aux)")
-        out, aux = out
-    vector, num_tasks = _loss_vector(out, where)
-    _checks.differentiable(vector, where)
-    return vector, num_tasks, aux
-
-
 def _vjp(fn: Callable[..., Any], has_aux: bool, where: str, *primals: PyTree
          ) -> tuple[Tensor, Callable[..., Any], int, Any]:
     """``torch.func.vjp`` of a loss function: ``(vector, pullback, T, aux)``.
@@ -134,7 +99,14 @@ def _vjp(fn: Callable[..., Any], has_aux: bool, where: str, *primals: PyTree
     meta: dict[str, int] = {}
 
     def wrapped(*args: PyTree) -> Any:
-        vector, meta["num_tasks"], aux = _loss_output(fn(*args), has_aux, where)
+        out = fn(*args)
+        if has_aux:
+            if not isinstance(out, tuple) or isinstance(out, Losses) or len(out) != 2:
+                raise ValueError(f"{where} was declared has_aux=True, so it must return "
+                                 "(losses, aux)")
+            out, aux = out
+        vector, meta["num_tasks"] = _loss_vector(out, where)
+        _checks.differentiable(vector, where)
         return (vector, aux) if has_aux else vector
 
     if has_aux:
@@ -150,95 +122,6 @@ def _detached(tree: PyTree) -> PyTree:
 
 def _eye(vector: Tensor) -> Tensor:
     return torch.eye(vector.shape[0], dtype=vector.dtype, device=vector.device)
-
-
-def _plain_autograd(*trees: PyTree) -> bool:
-    """Differentiate with plain ``torch.autograd`` (True) or with ``torch.func.vjp`` (False).
-
-    Both give the same numbers. In eager mode torch.func wraps every tensor of the forward and
-    dispatches every operation through its transform (a fixed few milliseconds a step), so an
-    eager call builds an ordinary autograd graph on fresh leaves that alias the inputs (no
-    copy, the inputs untouched). torch.func is kept while ``torch.compile`` traces (it traces
-    to one graph), inside another torch.func transform (it nests), and where autograd cannot
-    record: inference mode, or an inference tensor among ``trees`` (parameters, batch).
-    """
-    if (torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
-            or torch._C._functorch.peek_interpreter_stack() is not None):
-        return False
-    return not any(isinstance(x, Tensor) and x.is_inference() for t in trees for x in leaves(t))
-
-
-def _track(tree: PyTree) -> tuple[PyTree, list[Tensor]]:
-    """Fresh autograd leaves aliasing the tensors of ``tree``: ``(tree, its leaves)``."""
-    tracked = [x.detach().requires_grad_() for x in leaves(tree)]
-    return unflatten(tree, tracked), tracked
-
-
-def _grad(outputs: Sequence[Tensor], cotangents: Sequence[Tensor], inputs: Sequence[Tensor],
-          *, retain: bool = False) -> list[Tensor]:
-    """``Σ_k ⟨cotangents[k], ∂outputs[k]/∂x⟩`` for every x of ``inputs``, by one backward.
-
-    Zeros for an input that no output depends on (as ``torch.func.vjp`` returns).
-    """
-    pairs = [(o, c) for o, c in zip(outputs, cotangents, strict=True) if o.requires_grad]
-    if not pairs:
-        return [torch.zeros_like(x) for x in inputs]
-    outs, cots = zip(*pairs, strict=True)
-    return list(torch.autograd.grad(outs, inputs, cots, retain_graph=retain, allow_unused=True,
-                                    materialize_grads=True))
-
-
-def _detached_aux(aux: Any) -> Any:
-    """Tensors of an aux output without the step's graph (as ``torch.func.vjp`` returns aux)."""
-    return optree.tree_map(lambda a: a.detach() if isinstance(a, Tensor) else a, aux,
-                           none_is_leaf=True)
-
-
-def _encoder_output(out: Any, encoder_has_aux: bool) -> tuple[PyTree, Any]:
-    """``(features, aux)`` of what ``encode`` returned, checked."""
-    aux = None
-    if encoder_has_aux:
-        if not isinstance(out, tuple) or len(out) != 2:
-            raise ValueError("encode was declared encoder_has_aux=True, so it must return "
-                             "(features, aux)")
-        out, aux = out
-    _checks.params(out, "the features returned by encode")
-    return out, aux
-
-
-class _Encoded(NamedTuple):
-    """The shared encoder run for a step.
-
-    Attributes:
-        features: ``z = encode(θ, *batch)``, without a graph.
-        pullback: ``pullback(cotangent like z) -> gradient like θ``.
-        aux: the encoder's aux (None without ``encoder_has_aux``).
-    """
-
-    features: PyTree
-    pullback: Callable[[PyTree], PyTree]
-    aux: Any
-
-
-def _encode(encode: Callable[..., Any], encoder_has_aux: bool, shared_params: PyTree,
-            batch: tuple[Any, ...], plain: bool) -> _Encoded:
-    """Run the encoder once, keeping what its backward needs (see :func:`_plain_autograd`)."""
-    if not plain:
-        def enc(p: PyTree) -> tuple[PyTree, tuple[Any, ...]]:
-            features, aux = _encoder_output(encode(p, *batch), encoder_has_aux)
-            return features, (aux,) if encoder_has_aux else ()
-
-        features, pullback, aux = vjp(enc, _detached(shared_params), has_aux=True)
-        return _Encoded(features, lambda cot: pullback(cot)[0], aux[0] if aux else None)
-    params, inputs = _track(shared_params)
-    with torch.enable_grad():
-        features, aux = _encoder_output(encode(params, *batch), encoder_has_aux)
-    outputs = leaves(features)
-
-    def pullback(cotangent: PyTree) -> PyTree:
-        return unflatten(shared_params, _grad(outputs, leaves(cotangent), inputs))
-
-    return _Encoded(_detached(features), pullback, _detached_aux(aux))
 
 
 def mtl_value_and_grad(
@@ -294,50 +177,25 @@ def mtl_value_and_grad(
              ) -> StepResult:
         _checks.params(shared_params, "shared_params")
         _checks.params(task_params, "task_params")
-        plain = _plain_autograd(shared_params, task_params, batch)
-        if tx.weighting.uniform and not tx.needs_gramian:
-            def losses(sp: PyTree, tp: PyTree) -> tuple[Tensor, int, tuple[Any, ...]]:
-                features, enc_aux = _encoder_output(encode(sp, *batch), encoder_has_aux)
-                if heads is not None:
-                    vector = _head_losses(heads, tp, (features,) * len(heads), batch, state)
-                    num, dec_aux = len(heads), None
-                else:
-                    vector, num, dec_aux = _loss_output(decode(tp, features, *batch), has_aux,
-                                                        "decode")
-                return vector, num, (enc_aux, dec_aux)[0 if encoder_has_aux else 1:
-                                                       2 if has_aux else 1]
 
-            def pack(parts: tuple[Any, ...]) -> Any:
-                if not (encoder_has_aux or has_aux):
-                    return None
-                return (parts[0] if encoder_has_aux else None, parts[-1] if has_aux else None)
+        def enc(p: PyTree) -> Any:
+            out = encode(p, *batch)
+            _checks.params(out[0] if encoder_has_aux else out, "the features returned by encode")
+            return out
 
-            return _uniform(tx, losses, pack, shared_params, task_params, state, batch, reduce,
-                            plain, prescaled=heads is not None)
-        enc = _encode(encode, encoder_has_aux, shared_params, batch, plain)
+        if encoder_has_aux:
+            features, enc_pullback, enc_aux = vjp(enc, _detached(shared_params), has_aux=True)
+        else:
+            (features, enc_pullback), enc_aux = vjp(enc, _detached(shared_params)), None
         if heads is not None:
-            return _per_task(tx, heads, enc, encoder_has_aux, task_params, state, batch, reduce,
-                             plain)
-
-        if plain and tx.needs_gramian:
-            vector, num_tasks, rows, extra, g_task, dec_aux = _decoded_rows(
-                tx, decode, has_aux, enc.features, task_params, state, batch, chunk_size)
-            proposal, count = weigh(tx, state, vector, num_tasks,
-                                    rows_gramian(rows, num_tasks), reduce, prescaled=True)
-            cotangent = combine(proposal.weights.shared, rows, num_tasks)
-            del rows
-            if extra is not None:
-                cotangent = tree_map(torch.add, cotangent, extra)
-            grads = Grads(*_reduce.mean(reduce, count, (enc.pullback(cotangent), g_task)))
-            aux = None if not (encoder_has_aux or has_aux) else (enc.aux, dec_aux)
-            return finish(proposal, state, grads, aux, num_tasks,
-                          owned=_owned(grads, task_params, enc.features, batch))
+            return _per_task(tx, heads, features, enc_pullback, enc_aux if encoder_has_aux
+                             else None, encoder_has_aux, task_params, state, batch, reduce)
 
         def dec(tp: PyTree, z: PyTree) -> Any:
             return decode(tp, z, *batch)
 
         vector, dec_pullback, num_tasks, dec_aux = _vjp(
-            dec, has_aux, "decode", _detached(task_params), enc.features)
+            dec, has_aux, "decode", _detached(task_params), features)
         k = None
         if tx.needs_gramian:
             task_rows, feature_rows = pullback_rows(dec_pullback, _eye(vector), chunk_size)
@@ -347,11 +205,14 @@ def mtl_value_and_grad(
         if tx.needs_gramian:
             g_task = combine(weights.task, task_rows, size)
             cotangent = combine(weights.shared, feature_rows, size)
+        elif tx.weighting.uniform:
+            g_task, cotangent = dec_pullback(_cot(weights.task, vector))
         else:
             g_task, _ = dec_pullback(_cot(weights.task, vector))
             _, cotangent = dec_pullback(_cot(weights.shared, vector))
-        grads = Grads(*_reduce.mean(reduce, count, (enc.pullback(cotangent), g_task)))
-        aux = None if not (encoder_has_aux or has_aux) else (enc.aux, dec_aux)
+        (g_shared,) = enc_pullback(cotangent)
+        grads = Grads(*_reduce.mean(reduce, count, (g_shared, g_task)))
+        aux = None if not (encoder_has_aux or has_aux) else (enc_aux, dec_aux)
         return finish(proposal, state, grads, aux, num_tasks)
 
     return Step(step, tx, "mtl_value_and_grad", FeatureSpec(
@@ -363,166 +224,17 @@ def _cot(weights: Tensor, vector: Tensor) -> Tensor:
     return with_extra(weights, vector.shape[0], vector.dtype)
 
 
-def _decoded_rows(
-    tx: Transform,
-    decode: Callable[..., Any],
-    has_aux: bool,
-    features: PyTree,
-    task_params: PyTree,
-    state: IMTLState,
-    batch: tuple[Any, ...],
-    chunk_size: int | None,
-) -> tuple[Tensor, int, PyTree, PyTree | None, PyTree, Any]:
-    """A general ``decode``'s task rows at the features by plain autograd (eager).
-
-    The rows carry the scales ``c = e^{s}`` (as in the per-task path): row t is
-    ``c_t ∇_z ℓ_t``. When ``decode`` stacks T scalars (``torch.stack([ℓ_1, ..., ℓ_T])``), row
-    t is one backward from ``ℓ_t`` alone, through its own head only (T head backwards in all,
-    as for per-task decoders, instead of T²); otherwise one batched backward of the whole
-    ``[T]`` vector per row (``chunk_size`` rows at a time, ``1``: a loop).
-
-    Returns:
-        ``(vector [T] or [T + 1] detached, T, rows like features with leaves [T, ...], the
-        extra loss's gradient at the features or None, task gradient Σ_t c_t ∇ℓ_t (+ the extra
-        loss's), decoder aux)``.
-    """
-    tp, tp_in = _track(task_params)
-    z, z_in = _track(features)
-    with torch.enable_grad():
-        per_task, extra, aux = _loss_parts(decode(tp, z, *batch), has_aux, "decode")
-    _checks.differentiable(per_task if extra is None else torch.cat(
-        [per_task, extra.reshape(1).to(per_task.dtype)]), "decode")
-    num_tasks = _checks.losses(per_task, state.log_scale.shape[0], "IMTL update").shape[0]
-    c = tx.loss_scales(state, per_task.dtype).to(per_task.dtype)
-    inputs, n = [*z_in, *tp_in], len(z_in)
-    last = extra is None or not extra.requires_grad
-    edges = _task_edges(per_task)
-    if edges is not None:
-        rows: list[list[Tensor]] = [[] for _ in z_in]
-        g_task: list[Tensor | None] = [None] * len(tp_in)
-        for t, edge in enumerate(edges):
-            if edge is None:  # a constant loss: a zero row
-                g = [None] * len(inputs)
-            else:
-                g = list(torch.autograd.grad(edge, inputs, c[t], allow_unused=True,
-                                             retain_graph=not (last and t == num_tasks - 1)))
-            for i in range(n):
-                rows[i].append(torch.zeros_like(inputs[i]) if g[i] is None else g[i])
-            g_task = [a if b is None else b if a is None else a + b
-                      for a, b in zip(g_task, g[n:], strict=True)]
-            del g
-        stacked = [torch.stack(r) for r in rows]
-        del rows
-        task = [torch.zeros_like(x) if a is None else a for a, x in zip(g_task, tp_in,
-                                                                        strict=True)]
-    else:
-        cot = torch.diag(c)
-        parts = [cot[i:i + (chunk_size or num_tasks)]
-                 for i in range(0, num_tasks, chunk_size or num_tasks)]
-        if chunk_size == 1:
-            got = [_grad([per_task], [p[0]], inputs, retain=True) for p in parts]
-            got = [[torch.stack(x) for x in zip(*got, strict=True)]]
-        else:
-            got = [list(torch.autograd.grad(per_task, inputs, p, retain_graph=True,
-                                            is_grads_batched=True, allow_unused=True,
-                                            materialize_grads=True)) for p in parts]
-        stacked = [torch.cat(x) if len(x) > 1 else x[0] for x in zip(*got, strict=True)]
-        del got
-        task = [r.sum(0) for r in stacked[n:]]
-        stacked = stacked[:n]
-    extra_z = None
-    vector = per_task.detach()
-    if extra is not None:
-        g = _grad([extra], [torch.ones_like(extra)], inputs)
-        extra_z = unflatten(features, g[:n])
-        task = [a + b for a, b in zip(task, g[n:], strict=True)]
-        vector = torch.cat([vector, extra.detach().reshape(1).to(vector.dtype)])
-    return (vector, num_tasks, unflatten(features, stacked), extra_z,
-            unflatten(task_params, task), _detached_aux(aux))
-
-
-def _task_edges(per_task: Tensor) -> list[Any] | None:
-    """The autograd edges to the T scalars that ``torch.stack`` made ``per_task`` of (None
-    for a constant one), or None when ``per_task`` was not made so."""
-    node = per_task.grad_fn
-    if node is None or node.name() != "StackBackward0":
-        return None
-    nexts = node.next_functions
-    if len(nexts) != per_task.shape[0] or any(
-            fn is not None and fn.name().endswith("AccumulateGrad") for fn, _ in nexts):
-        return None
-    return [None if fn is None else GradientEdge(fn, nr) for fn, nr in nexts]
-
-
-def _head_losses(heads: Sequence[Callable[..., Tensor]], task_params: PyTree,
-                 copies: Sequence[PyTree], batch: tuple[Any, ...], state: IMTLState) -> Tensor:
-    """``[ℓ_1(task_params, z_1), ..., ℓ_T(task_params, z_T)]``, each checked."""
-    vector = torch.stack([_checks.scalar_loss(head(task_params, z, *batch), t)
-                          for t, (head, z) in enumerate(zip(heads, copies, strict=True))])
-    return _checks.losses(vector, state.log_scale.shape[0], "decode")
-
-
-def _uniform(
-    tx: Transform,
-    losses: Callable[[PyTree, PyTree], tuple[Tensor, int, tuple[Any, ...]]],
-    pack: Callable[[tuple[Any, ...]], Any],
-    shared_params: PyTree,
-    task_params: PyTree,
-    state: IMTLState,
-    batch: tuple[Any, ...],
-    reduce: _reduce.Reduce | None,
-    plain: bool,
-    *,
-    prescaled: bool,
-) -> StepResult:
-    """A step of a uniform weighting without a Gramian ('loss', 'equal'): the gradient of
-    ``Σ_t w_t ℓ_t`` (``w = e^{s}``, weight 1 on an extra loss), one backward through the whole
-    model as in a plain training step.
-
-    ``losses(shared, task) -> (vector [T] or [T + 1], T, parts)``, ``parts`` the declared aux
-    outputs (a tuple of pytrees of tensors, as torch.func returns them), ``pack(parts)`` the
-    step's aux. The weights are known once the losses are (they read only losses and state).
-    """
-    if plain:
-        sp, sp_in = _track(shared_params)
-        tp, tp_in = _track(task_params)
-        with torch.enable_grad():
-            vector, num_tasks, aux = losses(sp, tp)
-        proposal, count = weigh(tx, state, vector.detach(), num_tasks, None, reduce,
-                                prescaled=prescaled)
-        # A copy: the weights are also info.scale, and a gradient may alias its cotangent.
-        cot = _cot(proposal.weights.task, vector).clone()
-        g = _grad([vector], [cot], [*sp_in, *tp_in])
-        g_shared = unflatten(shared_params, g[:len(sp_in)])
-        g_task = unflatten(task_params, g[len(sp_in):])
-        aux = _detached_aux(aux)
-    else:
-        meta: dict[str, int] = {}
-
-        def wrapped(sp: PyTree, tp: PyTree) -> tuple[Tensor, Any]:
-            vector, meta["num_tasks"], aux = losses(sp, tp)
-            return vector, aux
-
-        vector, pullback, aux = vjp(wrapped, _detached(shared_params), _detached(task_params),
-                                    has_aux=True)
-        num_tasks = meta["num_tasks"]
-        proposal, count = weigh(tx, state, vector, num_tasks, None, reduce, prescaled=prescaled)
-        g_shared, g_task = pullback(_cot(proposal.weights.task, vector))
-    grads = Grads(*_reduce.mean(reduce, count, (g_shared, g_task)))
-    return finish(proposal, state, grads, pack(aux), num_tasks,
-                  owned=plain and _owned(grads, shared_params, task_params, batch))
-
-
 def _per_task(
     tx: Transform,
     heads: Sequence[Callable[..., Tensor]],
-    enc: _Encoded,
+    features: PyTree,
+    enc_pullback: Callable[..., Any],
+    enc_aux: Any,
     encoder_has_aux: bool,
     task_params: PyTree,
     state: IMTLState,
     batch: tuple[Any, ...],
     reduce: _reduce.Reduce | None,
-    plain: bool,
 ) -> StepResult:
     """The feature-level step for per-task decoders: one plain backward through the heads.
 
@@ -532,61 +244,33 @@ def _per_task(
     nothing is divided by them.
     """
     num_tasks = len(heads)
-    vector, g_task, copies = _head_rows(tx, heads, enc.features, task_params, state, batch, plain)
-    proposal, count, cotangent = _weigh_rows(tx, state, vector, copies, reduce)
-    del copies  # the T feature-sized rows go before the encoder's backward allocates its own
-    grads = Grads(*_reduce.mean(reduce, count, (enc.pullback(cotangent), g_task)))
-    aux = (enc.aux, None) if encoder_has_aux else None
-    return finish(proposal, state, grads, aux, num_tasks,
-                  owned=plain and _owned(grads, task_params, enc.features, batch))
 
-
-def _head_rows(tx: Transform, heads: Sequence[Callable[..., Tensor]], features: PyTree,
-               task_params: PyTree, state: IMTLState, batch: tuple[Any, ...], plain: bool
-               ) -> tuple[Tensor, PyTree, list[PyTree]]:
-    """The heads' forward and one backward with the cotangent ``c = e^{s}``: ``(losses [T],
-    task gradient Σ_t c_t ∇ℓ_t, [c_t ∇_z ℓ_t for every t])``."""
-    num_tasks = len(heads)
-    if plain:
-        tp, tp_in = _track(task_params)
-        tracked = [_track(features) for _ in heads]
-        with torch.enable_grad():
-            vector = _head_losses(heads, tp, [z for z, _ in tracked], batch, state)
-        c = tx.loss_scales(state, vector.dtype).to(vector.dtype)
-        g = _grad([vector], [c], [*tp_in, *(x for _, xs in tracked for x in xs)])
-        n, m = len(tp_in), len(tracked[0][1])
-        return vector.detach(), unflatten(task_params, g[:n]), [
-            unflatten(features, g[n + t * m:n + (t + 1) * m]) for t in range(num_tasks)]
-
-    def dec_all(tp: PyTree, zs: tuple[PyTree, ...]) -> Tensor:
-        return _head_losses(heads, tp, zs, batch, state)
+    def dec_all(tp: PyTree, copies: tuple[PyTree, ...]) -> Tensor:
+        return torch.stack([
+            _checks.scalar_loss(head(tp, z, *batch), t)
+            for t, (head, z) in enumerate(zip(heads, copies, strict=True))
+        ])
 
     vector, pullback = vjp(dec_all, _detached(task_params), (features,) * num_tasks)
-    g_task, copies = pullback(tx.loss_scales(state, vector.dtype).to(vector.dtype))
-    return vector, g_task, list(copies)
-
-
-def _weigh_rows(tx: Transform, state: IMTLState, vector: Tensor, copies: list[PyTree],
-                reduce: _reduce.Reduce | None) -> tuple[Proposal, Tensor | None, PyTree]:
-    """Weigh the rows ``c_t ∇_z ℓ_t``: ``(proposal, replica count, cotangent Σ_t α_t rows_t)``."""
-    num_tasks = len(copies)
-    if not tx.needs_gramian:  # a weighting on the losses alone that is not uniform
+    _checks.losses(vector, state.log_scale.shape[0], "decode")
+    c = tx.loss_scales(state, vector.dtype).to(vector.dtype)
+    g_task, copies = pullback(c)
+    aux = (enc_aux, None) if encoder_has_aux else None
+    if not tx.needs_gramian:
         proposal, count = weigh(tx, state, vector, num_tasks, None, reduce, prescaled=True)
-        w = proposal.weights.shared.to(vector.dtype)  # on the scaled rows
-        return proposal, count, tree_map(
-            lambda *r: sum(wt * x for wt, x in zip(w, r, strict=True)), *copies)
-    rows = tree_map(lambda *r: torch.stack(r), *copies)  # leaves [T, ...]: c_t ∇_z ℓ_t
-    proposal, count = weigh(tx, state, vector, num_tasks, rows_gramian(rows, num_tasks),
-                            reduce, prescaled=True)
-    return proposal, count, combine(proposal.weights.shared, rows, num_tasks)
-
-
-def _owned(grads: PyTree, *inputs: PyTree) -> bool:
-    """Whether no gradient shares memory with the step's inputs: then the gate may zero them in
-    place (they are fresh tensors of this step's backward)."""
-    held = {x.untyped_storage().data_ptr() for t in inputs for x in leaves(t)
-            if isinstance(x, Tensor)}
-    return not any(g.untyped_storage().data_ptr() in held for g in leaves(grads))
+        cotangent = tree_map(lambda *r: sum(r[1:], r[0]), *copies)
+        if not tx.weighting.uniform:
+            w = proposal.weights.shared.to(vector.dtype)  # on the scaled rows
+            cotangent = tree_map(lambda *r: sum(wt * x for wt, x in zip(w, r, strict=True)),
+                                 *copies)
+    else:
+        rows = tree_map(lambda *r: torch.stack(r), *copies)  # leaves [T, ...]: c_t ∇_z ℓ_t
+        proposal, count = weigh(tx, state, vector, num_tasks, rows_gramian(rows, num_tasks),
+                                reduce, prescaled=True)
+        cotangent = combine(proposal.weights.shared, rows, num_tasks)
+    (g_shared,) = enc_pullback(cotangent)
+    grads = Grads(*_reduce.mean(reduce, count, (g_shared, g_task)))
+    return finish(proposal, state, grads, aux, num_tasks)
 
 
 def value_and_grad(
@@ -628,15 +312,6 @@ def value_and_grad(
              ) -> StepResult:
         _checks.params(shared_params, "shared_params")
         _checks.params(task_params, "task_params")
-        if tx.weighting.uniform and not tx.needs_gramian:
-            def losses(sp: PyTree, tp: PyTree) -> tuple[Tensor, int, tuple[Any, ...]]:
-                vector, num, aux = _loss_output(loss_fn(sp, tp, *batch), has_aux, "loss_fn")
-                return vector, num, (aux,) if has_aux else ()
-
-            plain = _plain_autograd(shared_params, task_params, batch)
-            return _uniform(tx, losses, lambda parts: parts[0] if has_aux else None,
-                            shared_params, task_params, state, batch, reduce, plain,
-                            prescaled=False)
 
         def fn(sp: PyTree, tp: PyTree) -> Any:
             return loss_fn(sp, tp, *batch)
@@ -654,8 +329,9 @@ def value_and_grad(
                                   combine(proposal.weights.task, task_rows, size))
         else:
             proposal, count = weigh(tx, state, vector, num_tasks, None, reduce)
-            _, g_task = pullback(_cot(proposal.weights.task, vector))
-            g_shared, _ = pullback(_cot(proposal.weights.shared, vector))
+            g_shared, g_task = pullback(_cot(proposal.weights.task, vector))
+            if not tx.weighting.uniform:
+                g_shared, _ = pullback(_cot(proposal.weights.shared, vector))
             g_shared, g_task = _reduce.mean(reduce, count, (g_shared, g_task))
         return finish(proposal, state, Grads(g_shared, g_task), aux, num_tasks)
 

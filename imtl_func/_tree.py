@@ -40,16 +40,18 @@ def contract(weights: Tensor, jac: PyTree) -> PyTree:
     return tree_map(one, jac)
 
 
-def leaf_sums(tree: PyTree, device: torch.device) -> list[Tensor]:
-    """One scalar per floating leaf, its sum, on ``device``: non-finite as soon as one element
-    is (a finiteness test in one reduction per leaf and no temporaries).
+def all_finite(*trees: PyTree) -> Tensor:
+    """A bool scalar: every element of every floating leaf is finite.
 
-    The sum runs in float32 at least (a float16 sum of finite values overflows easily); a
+    One reduction per leaf and no temporaries: a sum is NaN or ±inf as soon as one element
+    is. The sum runs in float32 at least (a float16 sum of finite values overflows easily); a
     float32 sum of finite values beyond 3.4e38 reads as non-finite (a safe false alarm).
     """
-    sums = [x.sum(dtype=x.dtype if x.dtype.itemsize >= 4 else torch.float32)
-            for x in leaves(tree) if x.is_floating_point()]
-    return [x if x.device == device else x.to(device) for x in sums]
+    sums = [x.sum(dtype=torch.promote_types(x.dtype, torch.float32))
+            for t in trees for x in leaves(t) if x.is_floating_point()]
+    if not sums:
+        return torch.tensor(True)
+    return torch.isfinite(torch.stack(sums)).all()
 
 
 def where(cond: Tensor, tree: PyTree, other: PyTree) -> PyTree:
@@ -57,51 +59,9 @@ def where(cond: Tensor, tree: PyTree, other: PyTree) -> PyTree:
     return tree_map(lambda a, b: torch.where(cond, a, b), tree, other)
 
 
-#: Integer dtype of the same width, to select a floating tensor's bits (see zeros_where_not).
-_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
-         torch.float64: torch.int64}
-
-
-def zeros_where_not(cond: Tensor, tree: PyTree, *, in_place: bool = False) -> PyTree:
-    """Leaves of ``tree`` where ``cond`` holds, zeros (never NaN) elsewhere; ``cond`` a bool
-    scalar.
-
-    Eagerly, a floating leaf's bits are multiplied as integers by ``cond`` (0 or 1): one pass
-    like a multiply, all-zero bits (+0.0) for a False ``cond`` whatever the value, where
-    ``torch.where`` with a scalar condition costs several times as much on CPU. ``in_place``:
-    the caller owns the leaves (fresh tensors nobody else holds), so the contiguous ones are
-    multiplied in place, in one call, instead of copied (on CPU a fresh buffer of the size of
-    the gradients costs more in page faults than the pass itself). While ``torch.compile``
-    traces, inside a torch.func transform and for leaves that need autograd, ``torch.where``
-    (the compiler fuses it). Every way gives the leaf exactly or +0.0.
-    """
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
-        return tree_map(lambda a: torch.where(cond, a, 0.0), tree)
-    masks: dict[torch.device, Tensor] = {}
-    batched: dict[torch.device, list[Tensor]] = {}
-    out = []
-    for a in leaves(tree):
-        bits = _BITS.get(a.dtype)
-        if bits is None or a.requires_grad:
-            out.append(torch.where(cond, a, 0.0))
-            continue
-        if a.device not in masks:  # a 0-dim integer: the product keeps the leaf's width
-            masks[a.device] = cond.to(device=a.device, dtype=torch.int64)
-        if in_place and a.is_contiguous():
-            # Idempotent: a leaf that aliases another one is still right.
-            batched.setdefault(a.device, []).append(a.view(bits))
-            out.append(a)
-        else:
-            out.append((a.view(bits) * masks[a.device]).view(a.dtype))
-    for device, views in batched.items():
-        torch._foreach_mul_(views, masks[device])
-    return unflatten(tree, out)
-
-
-def unflatten(like: PyTree, values: list[Any]) -> PyTree:
-    """``values`` (one per tensor leaf of ``like``, in :func:`leaves` order) in ``like``'s
-    structure."""
-    return optree.tree_structure(like, none_is_leaf=False).unflatten(values)
+def zeros_where_not(cond: Tensor, tree: PyTree) -> PyTree:
+    """Leaves of ``tree`` where ``cond`` holds, zeros (never NaN) elsewhere."""
+    return tree_map(lambda a: torch.where(cond, a, 0.0), tree)
 
 
 def take_tasks(tree: Any, idx: Tensor, size: int) -> Any:
