@@ -14,14 +14,13 @@ Both are pure functions of their inputs, traceable by ``torch.compile(fullgraph=
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor
-from torch.func import vjp
 
 from imtl_func import _checks, _reduce
-from imtl_func._jacobian import pullback_rows
+from imtl_func._jacobian import pullback_rows, vjp, vjp_with_aux
 from imtl_func._pipeline import (
     Grads,
     Losses,
@@ -110,7 +109,7 @@ def _vjp(fn: Callable[..., Any], has_aux: bool, where: str, *primals: PyTree
         return (vector, aux) if has_aux else vector
 
     if has_aux:
-        vector, pullback, aux = vjp(wrapped, *primals, has_aux=True)
+        vector, pullback, aux = vjp_with_aux(wrapped, *primals)
     else:
         (vector, pullback), aux = vjp(wrapped, *primals), None
     return vector, pullback, meta["num_tasks"], aux
@@ -172,6 +171,7 @@ def mtl_value_and_grad(
     tx = resolve(method, scale_rule, flip_negative)
     _checks.chunk_size(chunk_size)
     heads = _checks.per_task_decoders(decode, has_aux)
+    decode_fn = cast("Callable[..., Any]", decode)  # one function whenever heads is None
 
     def step(shared_params: PyTree, task_params: PyTree, state: IMTLState, *batch: Any
              ) -> StepResult:
@@ -184,7 +184,7 @@ def mtl_value_and_grad(
             return out
 
         if encoder_has_aux:
-            features, enc_pullback, enc_aux = vjp(enc, _detached(shared_params), has_aux=True)
+            features, enc_pullback, enc_aux = vjp_with_aux(enc, _detached(shared_params))
         else:
             (features, enc_pullback), enc_aux = vjp(enc, _detached(shared_params)), None
         if heads is not None:
@@ -192,7 +192,7 @@ def mtl_value_and_grad(
                              else None, encoder_has_aux, task_params, state, batch, reduce)
 
         def dec(tp: PyTree, z: PyTree) -> Any:
-            return decode(tp, z, *batch)
+            return decode_fn(tp, z, *batch)
 
         vector, dec_pullback, num_tasks, dec_aux = _vjp(
             dec, has_aux, "decode", _detached(task_params), features)
@@ -216,7 +216,7 @@ def mtl_value_and_grad(
         return finish(proposal, state, grads, aux, num_tasks)
 
     return Step(step, tx, "mtl_value_and_grad", FeatureSpec(
-        encode, decode, heads, encoder_has_aux, has_aux, chunk_size, reduce))
+        encode, decode_fn, heads, encoder_has_aux, has_aux, chunk_size, reduce))
 
 
 def _cot(weights: Tensor, vector: Tensor) -> Tensor:
