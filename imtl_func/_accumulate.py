@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from imtl_func import _checks, _reduce
+from imtl_func._autodiff import detached, use_autograd, vjp
 from imtl_func._gate import gate
-from imtl_func._jacobian import pullback_rows, vjp, vjp_with_aux
 from imtl_func._micro_batches import (
     AccumulatedStats,
     AccumulationPlan,
@@ -44,8 +44,21 @@ from imtl_func._micro_batches import (
     rng_state,
     set_rng_state,
 )
-from imtl_func._pipeline import Grads, Losses, StepResult, finish, rows_gramian, weigh, with_extra
-from imtl_func._steps import FeatureSpec, Step, _detached, _eye, _loss_vector, _vjp
+from imtl_func._pipeline import (
+    Grads,
+    StepResult,
+    encoder,
+    eye,
+    finish,
+    head_losses,
+    loss_vector,
+    loss_vjp,
+    rows_gramian,
+    split_aux,
+    weigh,
+    with_extra,
+)
+from imtl_func._steps import FeatureSpec, Step
 from imtl_func._transform import IMTLState, Transform
 from imtl_func._tree import PyTree, tree_map
 
@@ -55,23 +68,8 @@ __all__ = ["AccumulatedStats", "AccumulationPlan", "Accumulator", "accumulate"]
 def _call(fn: Callable[..., Any], has_aux: bool, where: str, *args: Any) -> tuple[Tensor, int]:
     """A loss function's ``[T]`` (or ``[T + 1]``) losses and T, without a graph."""
     with torch.no_grad():
-        out = fn(*args)
-    if has_aux:
-        if not isinstance(out, tuple) or isinstance(out, Losses) or len(out) != 2:
-            raise ValueError(f"{where} was declared has_aux=True, so it must return "
-                             "(losses, aux)")
-        out = out[0]
-    return _loss_vector(out, where)
-
-
-def _features(spec: FeatureSpec, out: Any) -> PyTree:
-    if spec.encoder_has_aux:
-        if not isinstance(out, tuple) or len(out) != 2:
-            raise ValueError("encode was declared encoder_has_aux=True, so it must return "
-                             "(features, aux)")
-        out = out[0]
-    _checks.params(out, "the features returned by encode")
-    return out
+        out, _ = split_aux(fn(*args), has_aux, where)
+    return loss_vector(out, where)
 
 
 class Accumulator:
@@ -120,35 +118,36 @@ class Accumulator:
             raise TypeError("stats must be None (the first micro-batch) or the AccumulatedStats "
                             f"returned by the previous call, got {type(stats).__name__}")
         with torch.no_grad():
-            features = _features(spec, spec.encode(_detached(shared_params), *batch))
+            features, _ = split_aux(encoder(spec.encode, spec.encoder_has_aux, batch)(
+                detached(shared_params)), spec.encoder_has_aux, "encode")
         num_tasks = state.log_scale.shape[0]
-        task = _detached(task_params)
+        task = detached(task_params)
+        autograd = use_autograd(shared_params, task_params, batch)
         k = None
         if spec.heads is not None:
             heads = spec.heads
 
             def dec_all(copies: tuple[PyTree, ...]) -> Tensor:
-                return torch.stack([_checks.scalar_loss(head(task, z, *batch), t)
-                                    for t, (head, z) in enumerate(zip(heads, copies, strict=True))])
+                return head_losses(heads, task, copies, batch, num_tasks)
 
             if tx.needs_gramian:
-                vector, pullback = vjp(dec_all, (features,) * len(heads))
-                _checks.losses(vector, num_tasks, "decode")
+                res = vjp(dec_all, (features,) * len(heads), autograd=autograd)
+                vector = res.out
                 c = tx.loss_scales(state, vector.dtype).to(vector.dtype)
-                (copies,) = pullback(c)  # copies[t] = e^{s_t} ∇_z ℓ_t, as in the step
+                (copies,) = res.pullback(c)  # copies[t] = e^{s_t} ∇_z ℓ_t, as in the step
                 k = rows_gramian(tree_map(lambda *r: torch.stack(r), *copies), num_tasks)
             else:
                 with torch.no_grad():
                     vector = dec_all((features,) * len(heads))
-                _checks.losses(vector, num_tasks, "decode")
             size = num_tasks
         else:
             def dec(z: PyTree) -> Any:
                 return spec.decode(task, z, *batch)
 
             if tx.needs_gramian:
-                vector, pullback, size, _ = _vjp(dec, spec.has_aux, "decode", features)
-                (rows,) = pullback_rows(pullback, _eye(vector), spec.chunk_size)
+                res, size = loss_vjp(dec, spec.has_aux, "decode", features, autograd=autograd)
+                vector = res.out
+                (rows,) = res.rows(eye(vector), spec.chunk_size)
                 k = rows_gramian(rows, size)
             else:
                 vector, size = _call(dec, spec.has_aux, "decode", features)
@@ -228,27 +227,22 @@ class Accumulator:
         _checks.params(shared_params, "shared_params")
         _checks.params(task_params, "task_params")
 
-        def enc(p: PyTree) -> Any:
-            return spec.encode(p, *batch)
-
-        if spec.encoder_has_aux:
-            features, enc_pullback, enc_aux = vjp_with_aux(enc, _detached(shared_params))
-        else:
-            (features, enc_pullback), enc_aux = vjp(enc, _detached(shared_params)), None
-        _checks.params(features, "the features returned by encode")
+        autograd = use_autograd(shared_params, task_params, batch)
+        encoded = vjp(encoder(spec.encode, spec.encoder_has_aux, batch), shared_params,
+                      has_aux=spec.encoder_has_aux, autograd=autograd)
+        features = encoded.out
         weights, dec_aux = plan.proposal.weights, None
         share = as_weight(weight, plan.weight.device) / plan.weight  # w_m / W
         if spec.heads is not None:
-            heads = spec.heads
+            heads, num_tasks = spec.heads, plan.state.log_scale.shape[0]
 
             def dec_all(tp: PyTree, copies: tuple[PyTree, ...]) -> Tensor:
-                return torch.stack([_checks.scalar_loss(head(tp, z, *batch), t)
-                                    for t, (head, z) in enumerate(zip(heads, copies, strict=True))])
+                return head_losses(heads, tp, copies, batch, num_tasks)
 
-            vector, pullback = vjp(dec_all, _detached(task_params), (features,) * len(heads))
-            _checks.losses(vector, plan.state.log_scale.shape[0], "decode")
+            res = vjp(dec_all, task_params, (features,) * len(heads), autograd=autograd)
+            vector = res.out
             c = tx.loss_scales(plan.state, vector.dtype).to(torch.float64) * share
-            g_task, copies = pullback(c.to(vector.dtype))
+            g_task, copies = res.pullback(c.to(vector.dtype))
             w = weights.shared.to(vector.dtype)  # on the scaled rows (prescaled)
             cotangent = tree_map(lambda *r: sum(wt * x for wt, x in zip(w, r, strict=True)),
                                  *copies)
@@ -256,8 +250,9 @@ class Accumulator:
             def dec(tp: PyTree, z: PyTree) -> Any:
                 return spec.decode(tp, z, *batch)
 
-            vector, pullback, _, dec_aux = _vjp(dec, spec.has_aux, "decode",
-                                                _detached(task_params), features)
+            res, _ = loss_vjp(dec, spec.has_aux, "decode", task_params, features,
+                              autograd=autograd)
+            vector, dec_aux = res.out, res.aux
             expected = plan.proposal.losses.shape
             if vector.shape != expected:
                 raise ValueError(f"gradients: this micro-batch gives {vector.shape[0]} losses "
@@ -269,15 +264,15 @@ class Accumulator:
                 return (with_extra(wt, size, torch.float64) * share).to(vector.dtype)
 
             if tx.weighting.uniform:
-                g_task, cotangent = pullback(cot(weights.task))
+                g_task, cotangent = res.pullback(cot(weights.task))
             else:
-                g_task, _ = pullback(cot(weights.task))
-                _, cotangent = pullback(cot(weights.shared))
-        (g_shared,) = enc_pullback(cotangent)
+                g_task, _ = res.pullback(cot(weights.task))
+                _, cotangent = res.pullback(cot(weights.shared))
+        (g_shared,) = encoded.pullback(cotangent)
         new = Grads(g_shared, g_task)
         if grads is not None:
             new = Grads(*tree_map(torch.add, (grads.shared, grads.task), (g_shared, g_task)))
-        aux = (enc_aux, dec_aux) if (spec.encoder_has_aux or spec.has_aux) else None
+        aux = (encoded.aux, dec_aux) if (spec.encoder_has_aux or spec.has_aux) else None
         return new, aux
 
     # ----------------------------------------------------------------------------- finish

@@ -7,18 +7,20 @@ gradient goes; the stages between are these functions.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from imtl_func import _reduce
+from imtl_func import _checks, _reduce
+from imtl_func._autodiff import VJP, vjp
 from imtl_func._gate import gate
 from imtl_func._gramian import gramian
 from imtl_func._transform import IMTLState, Info, Proposal, Transform
 from imtl_func._tree import PyTree, contract, tree_map
 
-__all__ = ["Grads", "Losses", "StepResult", "combine", "finish", "weigh"]
+__all__ = ["Grads", "Losses", "StepResult", "combine", "finish", "loss_vjp", "weigh"]
 
 
 class Losses(NamedTuple):
@@ -65,6 +67,77 @@ class StepResult(NamedTuple):
     state: IMTLState
     info: Info
     aux: Any
+
+
+def loss_vector(out: Any, where: str) -> tuple[Tensor, int]:
+    """A loss function's output as ``[T]``, or ``[T + 1]`` with the extra loss last; and T."""
+    if isinstance(out, Losses):
+        _checks.losses(out.per_task, None, where)
+        if out.extra is None:
+            return out.per_task, out.per_task.shape[0]
+        _checks.extra_loss(out.extra, where)
+        extra = out.extra.reshape(1).to(out.per_task.dtype)
+        return torch.cat([out.per_task, extra]), out.per_task.shape[0]
+    _checks.losses(out, None, where)
+    return out, out.shape[0]
+
+
+def split_aux(out: Any, has_aux: bool, where: str) -> tuple[Any, Any]:
+    """``(losses, aux)`` of a loss function's output (aux None without ``has_aux``)."""
+    if not has_aux:
+        return out, None
+    if not isinstance(out, tuple) or isinstance(out, Losses) or len(out) != 2:
+        raise ValueError(f"{where} was declared has_aux=True, so it must return (losses, aux)")
+    return out
+
+
+def loss_vjp(fn: Callable[..., Any], has_aux: bool, where: str, *primals: PyTree,
+             autograd: bool) -> tuple[VJP, int]:
+    """The :class:`~imtl_func._autodiff.VJP` of a loss function, its output checked and made a
+    vector (:func:`loss_vector`), and T.
+
+    T is a Python int read while ``fn`` runs (shapes are static, also under ``torch.compile``).
+    """
+    meta: dict[str, int] = {}
+
+    def wrapped(*args: PyTree) -> Any:
+        out, aux = split_aux(fn(*args), has_aux, where)
+        vector, meta["num_tasks"] = loss_vector(out, where)
+        _checks.differentiable(vector, where)
+        return (vector, aux) if has_aux else vector
+
+    result = vjp(wrapped, *primals, has_aux=has_aux, autograd=autograd)
+    return result, meta["num_tasks"]
+
+
+def encoder(encode: Callable[..., Any], has_aux: bool, batch: tuple[Any, ...]
+            ) -> Callable[[PyTree], Any]:
+    """``p -> encode(p, *batch)``, its output checked: the features (``(features, aux)`` with
+    ``has_aux``)."""
+
+    def enc(p: PyTree) -> Any:
+        out = encode(p, *batch)
+        if has_aux and (not isinstance(out, tuple) or len(out) != 2):
+            raise ValueError("encode was declared encoder_has_aux=True, so it must return "
+                             "(features, aux)")
+        _checks.params(out[0] if has_aux else out, "the features returned by encode")
+        return out
+
+    return enc
+
+
+def head_losses(heads: Sequence[Callable[..., Tensor]], task_params: PyTree,
+                copies: Sequence[PyTree], batch: tuple[Any, ...], num_tasks: int) -> Tensor:
+    """``[ℓ_1(task_params, z_1), ..., ℓ_T(task_params, z_T)]`` of per-task decoders (head t
+    reads its own reference ``z_t`` to the features), each checked."""
+    vector = torch.stack([_checks.scalar_loss(head(task_params, z, *batch), t)
+                          for t, (head, z) in enumerate(zip(heads, copies, strict=True))])
+    return _checks.losses(vector, num_tasks, "decode")
+
+
+def eye(vector: Tensor) -> Tensor:
+    """The identity of ``vector``'s size: the cotangents of its rows."""
+    return torch.eye(vector.shape[0], dtype=vector.dtype, device=vector.device)
 
 
 def rows_gramian(rows: PyTree, num_tasks: int) -> Tensor:

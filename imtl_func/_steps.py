@@ -20,14 +20,18 @@ import torch
 from torch import Tensor
 
 from imtl_func import _checks, _reduce
-from imtl_func._jacobian import pullback_rows, vjp, vjp_with_aux
+from imtl_func._autodiff import VJP, use_autograd, vjp
 from imtl_func._pipeline import (
     Grads,
-    Losses,
     StepResult,
     combine,
+    encoder,
+    eye,
     finish,
+    head_losses,
+    loss_vjp,
     rows_gramian,
+    split_aux,
     weigh,
     with_extra,
 )
@@ -74,53 +78,6 @@ class Step:
                  *batch: Any) -> StepResult:
         self.transform.check_state(state)
         return self._fn(shared_params, task_params, state, *batch)
-
-
-def _loss_vector(out: Any, where: str) -> tuple[Tensor, int]:
-    """A loss function's output as ``[T]``, or ``[T + 1]`` with the extra loss last; and T."""
-    if isinstance(out, Losses):
-        _checks.losses(out.per_task, None, where)
-        if out.extra is None:
-            return out.per_task, out.per_task.shape[0]
-        _checks.extra_loss(out.extra, where)
-        extra = out.extra.reshape(1).to(out.per_task.dtype)
-        return torch.cat([out.per_task, extra]), out.per_task.shape[0]
-    _checks.losses(out, None, where)
-    return out, out.shape[0]
-
-
-def _vjp(fn: Callable[..., Any], has_aux: bool, where: str, *primals: PyTree
-         ) -> tuple[Tensor, Callable[..., Any], int, Any]:
-    """``torch.func.vjp`` of a loss function: ``(vector, pullback, T, aux)``.
-
-    T is a Python int read while ``fn`` runs (shapes are static, also under ``torch.compile``).
-    """
-    meta: dict[str, int] = {}
-
-    def wrapped(*args: PyTree) -> Any:
-        out = fn(*args)
-        if has_aux:
-            if not isinstance(out, tuple) or isinstance(out, Losses) or len(out) != 2:
-                raise ValueError(f"{where} was declared has_aux=True, so it must return "
-                                 "(losses, aux)")
-            out, aux = out
-        vector, meta["num_tasks"] = _loss_vector(out, where)
-        _checks.differentiable(vector, where)
-        return (vector, aux) if has_aux else vector
-
-    if has_aux:
-        vector, pullback, aux = vjp_with_aux(wrapped, *primals)
-    else:
-        (vector, pullback), aux = vjp(wrapped, *primals), None
-    return vector, pullback, meta["num_tasks"], aux
-
-
-def _detached(tree: PyTree) -> PyTree:
-    return tree_map(torch.Tensor.detach, tree)
-
-
-def _eye(vector: Tensor) -> Tensor:
-    return torch.eye(vector.shape[0], dtype=vector.dtype, device=vector.device)
 
 
 def mtl_value_and_grad(
@@ -177,42 +134,51 @@ def mtl_value_and_grad(
              ) -> StepResult:
         _checks.params(shared_params, "shared_params")
         _checks.params(task_params, "task_params")
+        autograd = use_autograd(shared_params, task_params, batch)
 
-        def enc(p: PyTree) -> Any:
-            out = encode(p, *batch)
-            _checks.params(out[0] if encoder_has_aux else out, "the features returned by encode")
-            return out
-
-        if encoder_has_aux:
-            features, enc_pullback, enc_aux = vjp_with_aux(enc, _detached(shared_params))
-        else:
-            (features, enc_pullback), enc_aux = vjp(enc, _detached(shared_params)), None
-        if heads is not None:
-            return _per_task(tx, heads, features, enc_pullback, enc_aux if encoder_has_aux
-                             else None, encoder_has_aux, task_params, state, batch, reduce)
+        enc = encoder(encode, encoder_has_aux, batch)
 
         def dec(tp: PyTree, z: PyTree) -> Any:
-            return decode_fn(tp, z, *batch)
+            if heads is None:
+                return decode_fn(tp, z, *batch)
+            # Per-task decoders: z holds one reference to the features per head.
+            return head_losses(heads, tp, z, batch, state.log_scale.shape[0])
 
-        vector, dec_pullback, num_tasks, dec_aux = _vjp(
-            dec, has_aux, "decode", _detached(task_params), features)
-        k = None
+        if _one_backward(tx):
+            def model(sp: PyTree, tp: PyTree) -> tuple[Any, Any]:
+                z, enc_aux = split_aux(enc(sp), encoder_has_aux, "encode")
+                losses, dec_aux = split_aux(
+                    dec(tp, z if heads is None else (z,) * len(heads)), has_aux, "decode")
+                return losses, (enc_aux, dec_aux)
+
+            res = _whole_model(tx, model, True, "decode", state, (shared_params, task_params),
+                               reduce, autograd)
+            aux = res.aux if encoder_has_aux or has_aux else None
+            return res._replace(aux=aux)
+
+        encoded = vjp(enc, shared_params, has_aux=encoder_has_aux, autograd=autograd)
+        features = encoded.out
+        if heads is not None:
+            decoder = vjp(dec, task_params, (features,) * len(heads), autograd=autograd)
+            return _per_task(tx, decoder, encoded, encoder_has_aux, state, reduce)
+
+        decoder, num_tasks = loss_vjp(dec, has_aux, "decode", task_params, features,
+                                      autograd=autograd)
+        vector, k = decoder.out, None
         if tx.needs_gramian:
-            task_rows, feature_rows = pullback_rows(dec_pullback, _eye(vector), chunk_size)
+            task_rows, feature_rows = decoder.rows(eye(vector), chunk_size)
             k = rows_gramian(feature_rows, num_tasks)
         proposal, count = weigh(tx, state, vector, num_tasks, k, reduce)
         weights, size = proposal.weights, vector.shape[0]
         if tx.needs_gramian:
             g_task = combine(weights.task, task_rows, size)
             cotangent = combine(weights.shared, feature_rows, size)
-        elif tx.weighting.uniform:
-            g_task, cotangent = dec_pullback(_cot(weights.task, vector))
         else:
-            g_task, _ = dec_pullback(_cot(weights.task, vector))
-            _, cotangent = dec_pullback(_cot(weights.shared, vector))
-        (g_shared,) = enc_pullback(cotangent)
+            g_task, _ = decoder.pullback(_cot(weights.task, vector))
+            _, cotangent = decoder.pullback(_cot(weights.shared, vector))
+        (g_shared,) = encoded.pullback(cotangent)
         grads = Grads(*_reduce.mean(reduce, count, (g_shared, g_task)))
-        aux = None if not (encoder_has_aux or has_aux) else (enc_aux, dec_aux)
+        aux = None if not (encoder_has_aux or has_aux) else (encoded.aux, decoder.aux)
         return finish(proposal, state, grads, aux, num_tasks)
 
     return Step(step, tx, "mtl_value_and_grad", FeatureSpec(
@@ -224,18 +190,29 @@ def _cot(weights: Tensor, vector: Tensor) -> Tensor:
     return with_extra(weights, vector.shape[0], vector.dtype)
 
 
-def _per_task(
-    tx: Transform,
-    heads: Sequence[Callable[..., Tensor]],
-    features: PyTree,
-    enc_pullback: Callable[..., Any],
-    enc_aux: Any,
-    encoder_has_aux: bool,
-    task_params: PyTree,
-    state: IMTLState,
-    batch: tuple[Any, ...],
-    reduce: _reduce.Reduce | None,
-) -> StepResult:
+def _one_backward(tx: Transform) -> bool:
+    """The combined gradient is that of ``Σ_t w_t ℓ_t`` with weights read off the losses alone
+    (a uniform weighting without a Gramian, e.g. 'loss' and 'equal'): one backward through the
+    whole model, as in a plain training step."""
+    return tx.weighting.uniform and not tx.needs_gramian
+
+
+def _whole_model(tx: Transform, model: Callable[..., Any], has_aux: bool, where: str,
+                 state: IMTLState, params: tuple[PyTree, PyTree], reduce: _reduce.Reduce | None,
+                 autograd: bool) -> StepResult:
+    """A step of :func:`_one_backward`: ``model(shared, task) -> losses`` (or ``(losses,
+    aux)``), weighed, then one backward of ``Σ_t w_t ℓ_t`` (weight 1 on an extra loss) gives
+    both gradients. ``w = e^{s}`` is known as soon as the losses are."""
+    res, num_tasks = loss_vjp(model, has_aux, where, *params, autograd=autograd)
+    proposal, count = weigh(tx, state, res.out, num_tasks, None, reduce)
+    # A copy: the weights are also info.scale, and a gradient may alias its cotangent.
+    g_shared, g_task = res.pullback(_cot(proposal.weights.task, res.out).clone())
+    grads = Grads(*_reduce.mean(reduce, count, (g_shared, g_task)))
+    return finish(proposal, state, grads, res.aux, num_tasks)
+
+
+def _per_task(tx: Transform, decoder: VJP, encoded: VJP, encoder_has_aux: bool,
+              state: IMTLState, reduce: _reduce.Reduce | None) -> StepResult:
     """The feature-level step for per-task decoders: one plain backward through the heads.
 
     Task t reads its own reference ``z_t`` to the features, so the cotangent ``c = e^{s}``
@@ -243,33 +220,25 @@ def _per_task(
     parameters their final gradient ``Σ_t c_t ∇ℓ_t``. The rows already carry the scales, so
     nothing is divided by them.
     """
-    num_tasks = len(heads)
-
-    def dec_all(tp: PyTree, copies: tuple[PyTree, ...]) -> Tensor:
-        return torch.stack([
-            _checks.scalar_loss(head(tp, z, *batch), t)
-            for t, (head, z) in enumerate(zip(heads, copies, strict=True))
-        ])
-
-    vector, pullback = vjp(dec_all, _detached(task_params), (features,) * num_tasks)
-    _checks.losses(vector, state.log_scale.shape[0], "decode")
+    vector = decoder.out
+    num_tasks = vector.shape[0]
     c = tx.loss_scales(state, vector.dtype).to(vector.dtype)
-    g_task, copies = pullback(c)
-    aux = (enc_aux, None) if encoder_has_aux else None
-    if not tx.needs_gramian:
+    g_task, copies = decoder.pullback(c)
+    if not tx.needs_gramian:  # a weighting of the losses alone that is not uniform
         proposal, count = weigh(tx, state, vector, num_tasks, None, reduce, prescaled=True)
-        cotangent = tree_map(lambda *r: sum(r[1:], r[0]), *copies)
-        if not tx.weighting.uniform:
-            w = proposal.weights.shared.to(vector.dtype)  # on the scaled rows
-            cotangent = tree_map(lambda *r: sum(wt * x for wt, x in zip(w, r, strict=True)),
-                                 *copies)
+        w = proposal.weights.shared.to(vector.dtype)  # on the scaled rows
+        cotangent = tree_map(lambda *r: sum(wt * x for wt, x in zip(w, r, strict=True)),
+                             *copies)
     else:
         rows = tree_map(lambda *r: torch.stack(r), *copies)  # leaves [T, ...]: c_t ∇_z ℓ_t
+        del copies
         proposal, count = weigh(tx, state, vector, num_tasks, rows_gramian(rows, num_tasks),
                                 reduce, prescaled=True)
         cotangent = combine(proposal.weights.shared, rows, num_tasks)
-    (g_shared,) = enc_pullback(cotangent)
+        del rows
+    (g_shared,) = encoded.pullback(cotangent)
     grads = Grads(*_reduce.mean(reduce, count, (g_shared, g_task)))
+    aux = (encoded.aux, None) if encoder_has_aux else None
     return finish(proposal, state, grads, aux, num_tasks)
 
 
@@ -313,14 +282,19 @@ def value_and_grad(
         _checks.params(shared_params, "shared_params")
         _checks.params(task_params, "task_params")
 
+        autograd = use_autograd(shared_params, task_params, batch)
+
         def fn(sp: PyTree, tp: PyTree) -> Any:
             return loss_fn(sp, tp, *batch)
 
-        vector, pullback, num_tasks, aux = _vjp(
-            fn, has_aux, "loss_fn", _detached(shared_params), _detached(task_params))
-        size = vector.shape[0]
+        if _one_backward(tx):
+            return _whole_model(tx, fn, has_aux, "loss_fn", state,
+                                (shared_params, task_params), reduce, autograd)
+        res, num_tasks = loss_vjp(fn, has_aux, "loss_fn", shared_params, task_params,
+                                  autograd=autograd)
+        vector, size = res.out, res.out.shape[0]
         if tx.needs_gramian:
-            shared_rows, task_rows = pullback_rows(pullback, _eye(vector), chunk_size)
+            shared_rows, task_rows = res.rows(eye(vector), chunk_size)
             vector, shared_rows, count = _reduce.rows(reduce, vector, shared_rows)
             proposal, _ = weigh(tx, state, vector, num_tasks,
                                 rows_gramian(shared_rows, num_tasks), None)
@@ -329,10 +303,9 @@ def value_and_grad(
                                   combine(proposal.weights.task, task_rows, size))
         else:
             proposal, count = weigh(tx, state, vector, num_tasks, None, reduce)
-            g_shared, g_task = pullback(_cot(proposal.weights.task, vector))
-            if not tx.weighting.uniform:
-                g_shared, _ = pullback(_cot(proposal.weights.shared, vector))
+            _, g_task = res.pullback(_cot(proposal.weights.task, vector))
+            g_shared, _ = res.pullback(_cot(proposal.weights.shared, vector))
             g_shared, g_task = _reduce.mean(reduce, count, (g_shared, g_task))
-        return finish(proposal, state, Grads(g_shared, g_task), aux, num_tasks)
+        return finish(proposal, state, Grads(g_shared, g_task), res.aux, num_tasks)
 
     return Step(step, tx, "value_and_grad")

@@ -75,3 +75,9 @@ def put_tasks(full: Any, part: Any, idx: Tensor, size: int) -> Any:
     return optree.tree_map(
         lambda f, p: f.index_copy(0, idx, p) if f.dim() > 0 and f.shape[0] == size else p,
         full, part, none_is_leaf=False)
+
+
+def unflatten(like: PyTree, values: list[Any]) -> PyTree:
+    """``values`` (one per tensor leaf of ``like``, in :func:`leaves` order) in ``like``'s
+    structure."""
+    return optree.tree_structure(like, none_is_leaf=False).unflatten(values)

@@ -340,18 +340,27 @@ def test_per_task_decoders_match_reference_and_the_batched_path(method):
 def test_per_task_decoders_are_one_plain_backward():
     """No vmap: the per-task path never calls the batched pull-back."""
     model, x, y = make_problem(num_tasks=3)
-    shared, task, encode, _, _ = functional(model)
+    shared, task, encode, decode, _ = functional(model)
     state = imtl.preset("hybrid").init(3, dtype=torch.float64)
     calls = []
-    import imtl_func._steps as steps_module
+    import imtl_func._autodiff as autodiff
 
-    original = steps_module.pullback_rows
-    steps_module.pullback_rows = lambda *a, **k: calls.append(1) or original(*a, **k)
+    grad, vmap = autodiff._grad, autodiff.vmap
+
+    def spy_grad(*args, batched):
+        calls.append(("grad", batched))
+        return grad(*args, batched=batched)
+
+    autodiff._grad = spy_grad
+    autodiff.vmap = lambda *a, **k: calls.append(("vmap", True)) or vmap(*a, **k)
     try:
         imtl.mtl_value_and_grad(encode, _per_task_decoders(model))(shared, task, state, x, y)
+        # The general decode needs the batched backward (the spy sees it).
+        imtl.mtl_value_and_grad(encode, decode)(shared, task, state, x, y)
     finally:
-        steps_module.pullback_rows = original
-    assert calls == []
+        autodiff._grad, autodiff.vmap = grad, vmap
+    # heads, then encoder: two plain backwards; then heads (batched) and encoder.
+    assert calls == [("grad", False), ("grad", False), ("grad", True), ("grad", False)]
 
 
 def test_per_task_decoder_errors():
@@ -367,3 +376,46 @@ def test_per_task_decoder_errors():
     with pytest.raises(ValueError, match=r"decode\[1\] must return a floating scalar loss, got "
                                          r"shape \(16, 6\)"):
         step(shared, task, imtl.preset("hybrid").init(2, dtype=torch.float64), x, y)
+
+
+@pytest.mark.parametrize("level", ["feature", "per-task", "parameter"])
+@pytest.mark.parametrize("method", ["loss", "gradient", "hybrid", "equal"])
+def test_autograd_and_torch_func_backends_agree(level, method, monkeypatch):
+    """Eager calls differentiate with plain autograd, traced ones with torch.func: same step."""
+    import imtl_func._steps as steps_module
+
+    model, x, y = make_problem(num_tasks=3)
+    shared, task, encode, decode, loss_fn = functional(model)
+    if level == "parameter":
+        step = imtl.value_and_grad(loss_fn, method)
+    else:
+        step = imtl.mtl_value_and_grad(
+            encode, _per_task_decoders(model) if level == "per-task" else decode, method)
+    log_scale = None if method in ("gradient", "equal") else [0.3, -0.5, -2.0]
+    state = step.init(3, log_scale=log_scale, dtype=torch.float64)
+    results = []
+    for autograd in (True, False):
+        monkeypatch.setattr(steps_module, "use_autograd", lambda *a, flag=autograd: flag)
+        results.append(step(shared, task, state, x, y))
+    plain, func = results
+    for a, b in zip(optree.tree_leaves(plain[:4]), optree.tree_leaves(func[:4]), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, equal_nan=True)
+    assert all(not g.requires_grad for g in optree.tree_leaves(plain.grads))
+
+
+def test_backend_choice():
+    """torch.func where autograd cannot record or where a transform or the compiler runs."""
+    from imtl_func._autodiff import use_autograd
+
+    x = torch.ones(2)
+    assert use_autograd({"w": x}, (x,))
+    with torch.inference_mode():
+        y = torch.ones(2)
+        assert not use_autograd({"w": x})
+    assert not use_autograd({"w": x}, (y,))  # an inference tensor in the batch
+    seen = []
+    torch.func.vmap(lambda v: seen.append(use_autograd(v)) or v)(torch.ones(3, 2))
+    assert seen == [False]
+    torch.compile(lambda v: seen.append(use_autograd(v)) or v + 1, backend="eager",
+                  fullgraph=False)(x)
+    assert seen[1:] == [False]
