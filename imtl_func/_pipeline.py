@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import optree
 import torch
 from torch import Tensor
 
@@ -18,7 +19,7 @@ from imtl_func._autodiff import VJP, vjp
 from imtl_func._gate import gate
 from imtl_func._gramian import gramian
 from imtl_func._transform import IMTLState, Info, Proposal, Transform
-from imtl_func._tree import PyTree, contract, tree_map
+from imtl_func._tree import PyTree, contract, leaves, tree_map
 
 __all__ = ["Grads", "Losses", "StepResult", "combine", "finish", "loss_vjp", "weigh"]
 
@@ -169,8 +170,21 @@ def combine(weights: Tensor, rows: PyTree, size: int) -> PyTree:
     return contract(with_extra(weights, size, torch.float64), rows)
 
 
-def finish(proposal: Proposal, state: IMTLState, grads: Grads, aux: Any, num_tasks: int
-           ) -> StepResult:
-    """Gate the step and package it."""
-    grads, new_state, info = gate(proposal, state, grads)
+def finish(proposal: Proposal, state: IMTLState, grads: Grads, aux: Any, num_tasks: int, *,
+           inputs: tuple[PyTree, ...] | None = None) -> StepResult:
+    """Gate the step and package it.
+
+    ``inputs``: what the step read (parameters, features, batch) when its gradients come from
+    its own plain-autograd backward: such gradients are fresh tensors, so the gate zeroes them
+    in place unless one shares memory with an input, the state or what the step reports (an
+    identity-like loss returns its cotangent).
+    """
+    owned = inputs is not None and _owned(grads, (inputs, proposal, state, aux))
+    grads, new_state, info = gate(proposal, state, grads, owned=owned)
     return StepResult(proposal.losses[:num_tasks].detach(), grads, new_state, info, aux)
+
+
+def _owned(grads: PyTree, others: Any) -> bool:
+    held = {x.untyped_storage().data_ptr() for x in optree.tree_leaves(others)
+            if isinstance(x, Tensor)}
+    return not any(g.untyped_storage().data_ptr() in held for g in leaves(grads))

@@ -135,7 +135,7 @@ def mtl_value_and_grad(
         _checks.params(shared_params, "shared_params")
         _checks.params(task_params, "task_params")
         autograd = use_autograd(shared_params, task_params, batch)
-
+        inputs = (shared_params, task_params, batch)
         enc = encoder(encode, encoder_has_aux, batch)
 
         def dec(tp: PyTree, z: PyTree) -> Any:
@@ -151,8 +151,7 @@ def mtl_value_and_grad(
                     dec(tp, z if heads is None else (z,) * len(heads)), has_aux, "decode")
                 return losses, (enc_aux, dec_aux)
 
-            res = _whole_model(tx, model, True, "decode", state, (shared_params, task_params),
-                               reduce, autograd)
+            res = _whole_model(tx, model, True, "decode", state, inputs, reduce, autograd)
             aux = res.aux if encoder_has_aux or has_aux else None
             return res._replace(aux=aux)
 
@@ -160,7 +159,8 @@ def mtl_value_and_grad(
         features = encoded.out
         if heads is not None:
             decoder = vjp(dec, task_params, (features,) * len(heads), autograd=autograd)
-            return _per_task(tx, decoder, encoded, encoder_has_aux, state, reduce)
+            return _per_task(tx, decoder, encoded, encoder_has_aux, state, reduce,
+                             inputs if autograd else None)
 
         decoder, num_tasks = loss_vjp(dec, has_aux, "decode", task_params, features,
                                       autograd=autograd)
@@ -179,7 +179,8 @@ def mtl_value_and_grad(
         (g_shared,) = encoded.pullback(cotangent)
         grads = Grads(*_reduce.mean(reduce, count, (g_shared, g_task)))
         aux = None if not (encoder_has_aux or has_aux) else (encoded.aux, decoder.aux)
-        return finish(proposal, state, grads, aux, num_tasks)
+        return finish(proposal, state, grads, aux, num_tasks,
+                      inputs=inputs if autograd else None)
 
     return Step(step, tx, "mtl_value_and_grad", FeatureSpec(
         encode, decode_fn, heads, encoder_has_aux, has_aux, chunk_size, reduce))
@@ -198,21 +199,22 @@ def _one_backward(tx: Transform) -> bool:
 
 
 def _whole_model(tx: Transform, model: Callable[..., Any], has_aux: bool, where: str,
-                 state: IMTLState, params: tuple[PyTree, PyTree], reduce: _reduce.Reduce | None,
-                 autograd: bool) -> StepResult:
+                 state: IMTLState, inputs: tuple[PyTree, PyTree, tuple[Any, ...]],
+                 reduce: _reduce.Reduce | None, autograd: bool) -> StepResult:
     """A step of :func:`_one_backward`: ``model(shared, task) -> losses`` (or ``(losses,
     aux)``), weighed, then one backward of ``Σ_t w_t ℓ_t`` (weight 1 on an extra loss) gives
     both gradients. ``w = e^{s}`` is known as soon as the losses are."""
-    res, num_tasks = loss_vjp(model, has_aux, where, *params, autograd=autograd)
+    res, num_tasks = loss_vjp(model, has_aux, where, *inputs[:2], autograd=autograd)
     proposal, count = weigh(tx, state, res.out, num_tasks, None, reduce)
     # A copy: the weights are also info.scale, and a gradient may alias its cotangent.
     g_shared, g_task = res.pullback(_cot(proposal.weights.task, res.out).clone())
     grads = Grads(*_reduce.mean(reduce, count, (g_shared, g_task)))
-    return finish(proposal, state, grads, res.aux, num_tasks)
+    return finish(proposal, state, grads, res.aux, num_tasks, inputs=inputs if autograd else None)
 
 
 def _per_task(tx: Transform, decoder: VJP, encoded: VJP, encoder_has_aux: bool,
-              state: IMTLState, reduce: _reduce.Reduce | None) -> StepResult:
+              state: IMTLState, reduce: _reduce.Reduce | None, inputs: tuple[Any, ...] | None
+              ) -> StepResult:
     """The feature-level step for per-task decoders: one plain backward through the heads.
 
     Task t reads its own reference ``z_t`` to the features, so the cotangent ``c = e^{s}``
@@ -239,7 +241,7 @@ def _per_task(tx: Transform, decoder: VJP, encoded: VJP, encoder_has_aux: bool,
     (g_shared,) = encoded.pullback(cotangent)
     grads = Grads(*_reduce.mean(reduce, count, (g_shared, g_task)))
     aux = (encoded.aux, None) if encoder_has_aux else None
-    return finish(proposal, state, grads, aux, num_tasks)
+    return finish(proposal, state, grads, aux, num_tasks, inputs=inputs)
 
 
 def value_and_grad(
@@ -283,13 +285,13 @@ def value_and_grad(
         _checks.params(task_params, "task_params")
 
         autograd = use_autograd(shared_params, task_params, batch)
+        inputs = (shared_params, task_params, batch)
 
         def fn(sp: PyTree, tp: PyTree) -> Any:
             return loss_fn(sp, tp, *batch)
 
         if _one_backward(tx):
-            return _whole_model(tx, fn, has_aux, "loss_fn", state,
-                                (shared_params, task_params), reduce, autograd)
+            return _whole_model(tx, fn, has_aux, "loss_fn", state, inputs, reduce, autograd)
         res, num_tasks = loss_vjp(fn, has_aux, "loss_fn", shared_params, task_params,
                                   autograd=autograd)
         vector, size = res.out, res.out.shape[0]
@@ -306,6 +308,7 @@ def value_and_grad(
             _, g_task = res.pullback(_cot(proposal.weights.task, vector))
             g_shared, _ = res.pullback(_cot(proposal.weights.shared, vector))
             g_shared, g_task = _reduce.mean(reduce, count, (g_shared, g_task))
-        return finish(proposal, state, Grads(g_shared, g_task), res.aux, num_tasks)
+        return finish(proposal, state, Grads(g_shared, g_task), res.aux, num_tasks,
+                      inputs=inputs if autograd else None)
 
     return Step(step, tx, "value_and_grad")

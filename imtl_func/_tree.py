@@ -40,18 +40,16 @@ def contract(weights: Tensor, jac: PyTree) -> PyTree:
     return tree_map(one, jac)
 
 
-def all_finite(*trees: PyTree) -> Tensor:
-    """A bool scalar: every element of every floating leaf is finite.
+def leaf_sums(tree: PyTree, device: torch.device) -> list[Tensor]:
+    """The sum of every floating leaf, a scalar on ``device``: not finite as soon as one element
+    is not (a finiteness test in one reduction per leaf and no temporaries).
 
-    One reduction per leaf and no temporaries: a sum is NaN or ±inf as soon as one element
-    is. The sum runs in float32 at least (a float16 sum of finite values overflows easily); a
-    float32 sum of finite values beyond 3.4e38 reads as non-finite (a safe false alarm).
+    The sum runs in float32 at least (a float16 sum of finite values overflows easily); a float32
+    sum of finite values beyond 3.4e38 reads as not finite (a safe false alarm).
     """
     sums = [x.sum(dtype=torch.promote_types(x.dtype, torch.float32))
-            for t in trees for x in leaves(t) if x.is_floating_point()]
-    if not sums:
-        return torch.tensor(True)
-    return torch.isfinite(torch.stack(sums)).all()
+            for x in leaves(tree) if x.is_floating_point()]
+    return [x if x.device == device else x.to(device) for x in sums]
 
 
 def where(cond: Tensor, tree: PyTree, other: PyTree) -> PyTree:
@@ -59,9 +57,45 @@ def where(cond: Tensor, tree: PyTree, other: PyTree) -> PyTree:
     return tree_map(lambda a, b: torch.where(cond, a, b), tree, other)
 
 
-def zeros_where_not(cond: Tensor, tree: PyTree) -> PyTree:
-    """Leaves of ``tree`` where ``cond`` holds, zeros (never NaN) elsewhere."""
-    return tree_map(lambda a: torch.where(cond, a, 0.0), tree)
+#: The integer dtype of a floating dtype's width: its bits (see :func:`zeros_where_not`).
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+         torch.float64: torch.int64}
+
+
+def zeros_where_not(cond: Tensor, tree: PyTree, *, in_place: bool = False) -> PyTree:
+    """Leaves of ``tree`` where the bool scalar ``cond`` holds, +0.0 (never NaN) elsewhere.
+
+    Eagerly a floating leaf's bits are multiplied, as integers, by ``cond`` (1 keeps every bit,
+    0 gives +0.0 whatever the value): one pass like a multiply, where ``torch.where`` with a
+    scalar condition costs about six times as much on CPU (1.5 ms against 0.24 ms for the
+    1.2 M gradients of the benchmark MLP). ``in_place``: the caller owns the leaves (fresh
+    tensors nobody else holds), so contiguous ones are multiplied in place, in one call per
+    dtype (a fresh buffer of the gradients' size costs more in page faults than the pass);
+    idempotent, so leaves that alias each other come out right. While ``torch.compile``
+    traces, inside a torch.func transform, and for leaves that need autograd: ``torch.where``
+    (the compiler fuses it).
+    """
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return tree_map(lambda a: torch.where(cond, a, 0.0), tree)
+    masks: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+    batched: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+
+    def one(a: Tensor) -> Tensor:
+        bits = _BITS.get(a.dtype)
+        if bits is None or a.requires_grad:
+            return torch.where(cond, a, 0.0)
+        key = (a.device, bits)
+        if key not in masks:
+            masks[key] = cond.to(device=a.device, dtype=bits)
+        if in_place and a.is_contiguous():
+            batched.setdefault(key, []).append(a.view(bits))
+            return a
+        return (a.view(bits) * masks[key]).view(a.dtype)
+
+    out = tree_map(one, tree)
+    for key, views in batched.items():
+        torch._foreach_mul_(views, masks[key])
+    return out
 
 
 def take_tasks(tree: Any, idx: Tensor, size: int) -> Any:

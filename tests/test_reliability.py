@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import optree
 import pytest
 import torch
 from torch.func import functional_call
@@ -237,3 +238,47 @@ def test_the_gate_reports_what_was_not_finite_and_for_which_task():
     assert all(torch.equal(a, b) for a, b in zip(out.state, state, strict=False)
                if isinstance(a, torch.Tensor))
     assert all(bool((g == 0).all()) for g in out.grads.shared.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_gate_zeroing_is_exact_and_never_nan(dtype):
+    """Kept leaves come back bit for bit (-0.0, inf, NaN, subnormals included); dropped ones
+    are +0.0 whatever they held; integer leaves and leaves with a graph go through where."""
+    from imtl_func._tree import zeros_where_not
+
+    x = torch.tensor([1.5, -0.0, float("inf"), float("nan"), -3.0, 1e-40], dtype=torch.float64)
+    x = x.to(dtype)
+    tree = {"f": x, "i": torch.tensor([3, -4]), "g": torch.ones(2, requires_grad=True)}
+    kept = zeros_where_not(torch.tensor(True), tree)
+    assert torch.equal(kept["f"].view(torch.int8), x.view(torch.int8))
+    assert kept["f"].dtype == dtype and torch.equal(kept["i"], tree["i"])
+    dropped = zeros_where_not(torch.tensor(False), tree)
+    assert torch.equal(dropped["f"].view(torch.int8), torch.zeros_like(x).view(torch.int8))
+    assert torch.equal(dropped["i"], torch.zeros(2, dtype=torch.int64))
+    assert dropped["g"].requires_grad and torch.equal(dropped["g"], torch.zeros(2))
+    # The kept leaf is a new tensor: zeroing never writes into what the caller holds.
+    assert kept["f"].data_ptr() != x.data_ptr()
+
+
+@pytest.mark.parametrize("level", ["feature", "parameter"])
+def test_in_place_zeroing_never_touches_what_the_step_reports(level):
+    """An identity loss returns its cotangent as the gradient, and that cotangent is the weight
+    vector the step also reports: a skipped step zeroes the gradients, not info.scale."""
+    by_loss = imtl.weighting(lambda k, losses: torch.softmax(-losses, 0), needs_gramian=False)
+    tx = imtl.transform(by_loss)
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    task = {"a": torch.tensor(2.0, dtype=torch.float64), "b": nan}
+    shared = {"w": torch.ones(3, dtype=torch.float64)}
+    if level == "feature":
+        step = imtl.mtl_value_and_grad(
+            lambda p: p["w"], lambda tp, z: torch.stack([tp["a"] * z.sum(), tp["b"]]), tx)
+    else:
+        step = imtl.value_and_grad(
+            lambda sp, tp: torch.stack([tp["a"] * sp["w"].sum(), tp["b"]]), tx)
+    result = step(shared, task, step.init(2, dtype=torch.float64))
+    assert not bool(result.info.finite)
+    assert torch.equal(result.info.scale, torch.ones(2, dtype=torch.float64))
+    for g in optree.tree_leaves(result.grads):
+        assert torch.equal(g, torch.zeros_like(g))
+    assert torch.equal(task["a"], torch.tensor(2.0, dtype=torch.float64))
+    assert torch.equal(shared["w"], torch.ones(3, dtype=torch.float64))
