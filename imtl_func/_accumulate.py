@@ -48,7 +48,6 @@ from imtl_func._pipeline import (
     Grads,
     StepResult,
     encoder,
-    eye,
     finish,
     head_losses,
     loss_vector,
@@ -147,7 +146,7 @@ class Accumulator:
             if tx.needs_gramian:
                 res, size = loss_vjp(dec, spec.has_aux, "decode", features, autograd=autograd)
                 vector = res.out
-                (rows,) = res.rows(eye(vector), spec.chunk_size)
+                (rows,) = res.rows(spec.chunk_size)
                 k = rows_gramian(rows, size)
             else:
                 vector, size = _call(dec, spec.has_aux, "decode", features)

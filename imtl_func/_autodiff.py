@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, cast
 import optree
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge
 from torch.func import vjp as func_vjp
 from torch.func import vmap
 
@@ -35,15 +36,18 @@ class VJP(NamedTuple):
         out: ``fn(*primals)`` without a graph.
         pullback: ``pullback(cotangent like out) -> (cotangent like primal, ...)``, one per
             primal; zeros for a primal the output does not depend on.
-        rows: ``rows(cotangents, chunk_size)``: the pull-back of every row of ``cotangents``
-            (``out``'s shape with a leading axis N) in one batched backward; every leaf of the
-            result has the leading axis N. ``chunk_size`` rows at a time (``1``: a loop).
+        rows: ``rows(chunk_size)``, for an ``out`` of shape ``[N]``: the pull-back of every
+            row of the ``N × N`` identity (the gradients of each element of ``out`` on its
+            own), every leaf with a leading axis N. A batched backward (``chunk_size`` rows at a
+            time, ``1``: a loop), or with plain autograd, when ``out`` was made by
+            ``torch.stack`` of N scalars, one backward from each scalar through its own
+            subgraph (N small backwards instead of N batched ones through everything).
         aux: the function's aux output (None without ``has_aux``), without a graph.
     """
 
     out: Any
     pullback: Callable[[Any], tuple[Any, ...]]
-    rows: Callable[[Tensor, int | None], tuple[Any, ...]]
+    rows: Callable[[int | None], tuple[Any, ...]]
     aux: Any
 
 
@@ -88,7 +92,8 @@ def vjp(fn: Callable[..., Any], *primals: PyTree, has_aux: bool = False,
     else:
         (out, pullback), aux = cast("tuple[Any, Any]", func_vjp(fn, *primals)), None
 
-    def rows(cotangents: Tensor, chunk_size: int | None) -> tuple[Any, ...]:
+    def rows(chunk_size: int | None) -> tuple[Any, ...]:
+        cotangents = _eye(out)
         if chunk_size == 1:
             return _stacked([pullback(c) for c in cotangents.unbind(0)])
         return cast("tuple[Any, ...]", vmap(pullback, chunk_size=chunk_size)(cotangents))
@@ -115,7 +120,14 @@ def _autograd_vjp(fn: Callable[..., Any], primals: tuple[PyTree, ...], has_aux: 
     def pullback(cotangent: Any) -> tuple[Any, ...]:
         return split(_grad(outputs, leaves(cotangent), inputs, batched=False))
 
-    def rows(cotangents: Tensor, chunk_size: int | None) -> tuple[Any, ...]:
+    def rows(chunk_size: int | None) -> tuple[Any, ...]:
+        (vector,) = outputs
+        edges = _stacked_scalars(vector)
+        if edges is not None:
+            one = vector.new_ones(())
+            return split([torch.stack(g) for g in zip(*[
+                _grad([e], [one], inputs, batched=False) for e in edges], strict=True)])
+        cotangents = _eye(vector)
         if chunk_size == 1:
             return _stacked([pullback(c) for c in cotangents.unbind(0)])
         step = chunk_size or cotangents.shape[0]
@@ -126,18 +138,39 @@ def _autograd_vjp(fn: Callable[..., Any], primals: tuple[PyTree, ...], has_aux: 
     return VJP(detached(out), pullback, rows, detached(aux))
 
 
-def _grad(outputs: Sequence[Tensor], cotangents: Sequence[Tensor], inputs: Sequence[Tensor],
-          *, batched: bool) -> list[Tensor]:
+def _eye(vector: Tensor) -> Tensor:
+    return torch.eye(vector.shape[0], dtype=vector.dtype, device=vector.device)
+
+
+def _stacked_scalars(vector: Tensor) -> list[Tensor | GradientEdge] | None:
+    """The N scalars ``torch.stack`` made ``vector`` of (as gradient edges; a constant one as a
+    tensor without a graph), or None when it was not made so."""
+    node = vector.grad_fn
+    if node is None or node.name() != "StackBackward0":
+        return None
+    nexts = node.next_functions
+    if len(nexts) != vector.shape[0] or any(
+            fn is not None and fn.name().endswith("AccumulateGrad") for fn, _ in nexts):
+        return None  # a stacked leaf would need its own shape; keep the batched backward
+    return [vector.new_zeros(()) if fn is None else GradientEdge(fn, nr) for fn, nr in nexts]
+
+
+def _grad(outputs: Sequence[Tensor | GradientEdge], cotangents: Sequence[Tensor],
+          inputs: Sequence[Tensor], *, batched: bool) -> list[Tensor]:
     """``Σ_k ⟨cotangents[k], ∂outputs[k]/∂x⟩`` for every x of ``inputs``, by one backward
     (a batched one: a leading axis on every cotangent and result). The graph is kept (a
     pull-back may be called again); zeros for an input that no output depends on."""
-    pairs = [(o, c) for o, c in zip(outputs, cotangents, strict=True) if o.requires_grad]
+    lead = (cotangents[0].shape[0],) if batched else ()
+    pairs = [(o, c) for o, c in zip(outputs, cotangents, strict=True)
+             if isinstance(o, GradientEdge) or o.requires_grad]
     if not pairs:
-        lead = (cotangents[0].shape[0],) if batched else ()
         return [x.new_zeros(lead + x.shape) for x in inputs]
     outs, cots = zip(*pairs, strict=True)
-    return list(torch.autograd.grad(outs, inputs, cots, retain_graph=True, allow_unused=True,
-                                    materialize_grads=True, is_grads_batched=batched))
+    # Zeros made here: materialize_grads would drop the batch axis of an unused input's.
+    grads = torch.autograd.grad(outs, inputs, cots, retain_graph=True, allow_unused=True,
+                                is_grads_batched=batched)
+    return [x.new_zeros(lead + x.shape) if g is None else g
+            for g, x in zip(grads, inputs, strict=True)]
 
 
 def _stacked(rows: list[tuple[Any, ...]]) -> tuple[Any, ...]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from imtl_func import _checks
@@ -49,7 +48,6 @@ def task_jacobian(
 
     res = vjp(wrapped, params, autograd=use_autograd(params, args))
     losses = _checks.losses(res.out, None, "task_jacobian")
-    eye = torch.eye(losses.shape[0], dtype=losses.dtype, device=losses.device)
-    (jac,) = res.rows(eye, chunk_size)
+    (jac,) = res.rows(chunk_size)
     return losses, jac
 

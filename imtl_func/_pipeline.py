@@ -136,11 +136,6 @@ def head_losses(heads: Sequence[Callable[..., Tensor]], task_params: PyTree,
     return _checks.losses(vector, num_tasks, "decode")
 
 
-def eye(vector: Tensor) -> Tensor:
-    """The identity of ``vector``'s size: the cotangents of its rows."""
-    return torch.eye(vector.shape[0], dtype=vector.dtype, device=vector.device)
-
-
 def rows_gramian(rows: PyTree, num_tasks: int) -> Tensor:
     """Gramian of the first ``num_tasks`` rows (an extra loss's row is left out)."""
     return gramian(tree_map(lambda j: j[:num_tasks], rows))

@@ -26,7 +26,6 @@ from imtl_func._pipeline import (
     StepResult,
     combine,
     encoder,
-    eye,
     finish,
     head_losses,
     loss_vjp,
@@ -166,7 +165,7 @@ def mtl_value_and_grad(
                                       autograd=autograd)
         vector, k = decoder.out, None
         if tx.needs_gramian:
-            task_rows, feature_rows = decoder.rows(eye(vector), chunk_size)
+            task_rows, feature_rows = decoder.rows(chunk_size)
             k = rows_gramian(feature_rows, num_tasks)
         proposal, count = weigh(tx, state, vector, num_tasks, k, reduce)
         weights, size = proposal.weights, vector.shape[0]
@@ -296,7 +295,7 @@ def value_and_grad(
                                   autograd=autograd)
         vector, size = res.out, res.out.shape[0]
         if tx.needs_gramian:
-            shared_rows, task_rows = res.rows(eye(vector), chunk_size)
+            shared_rows, task_rows = res.rows(chunk_size)
             vector, shared_rows, count = _reduce.rows(reduce, vector, shared_rows)
             proposal, _ = weigh(tx, state, vector, num_tasks,
                                 rows_gramian(shared_rows, num_tasks), None)

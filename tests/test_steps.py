@@ -355,12 +355,16 @@ def test_per_task_decoders_are_one_plain_backward():
     autodiff.vmap = lambda *a, **k: calls.append(("vmap", True)) or vmap(*a, **k)
     try:
         imtl.mtl_value_and_grad(encode, _per_task_decoders(model))(shared, task, state, x, y)
-        # The general decode needs the batched backward (the spy sees it).
+        # A general decode that stacks T scalars: one backward per task through its head.
         imtl.mtl_value_and_grad(encode, decode)(shared, task, state, x, y)
+        # Any other [T] tensor: one batched backward of the identity's rows.
+        imtl.mtl_value_and_grad(
+            encode, lambda p, z, x, y: torch.cat([l.reshape(1) for l in decode(p, z, x, y)])
+        )(shared, task, state, x, y)
     finally:
         autodiff._grad, autodiff.vmap = grad, vmap
-    # heads, then encoder: two plain backwards; then heads (batched) and encoder.
-    assert calls == [("grad", False), ("grad", False), ("grad", True), ("grad", False)]
+    plain, batched = ("grad", False), ("grad", True)
+    assert calls == [plain, plain] + [plain] * 3 + [plain] + [batched, plain]
 
 
 def test_per_task_decoder_errors():
@@ -419,3 +423,36 @@ def test_backend_choice():
     torch.compile(lambda v: seen.append(use_autograd(v)) or v + 1, backend="eager",
                   fullgraph=False)(x)
     assert seen[1:] == [False]
+
+
+@pytest.mark.parametrize("form", ["heads", "constant", "leaf", "extra"])
+def test_stacked_decode_rows_match_the_batched_backward(form, monkeypatch):
+    """A stacked decode's rows come from one backward per scalar (a constant loss: a zero row;
+    a stacked parameter or an extra loss: the batched backward); torch.func agrees."""
+    import imtl_func._steps as steps_module
+
+    model, x, y = make_problem(num_tasks=3)
+    shared, task, encode, decode, _ = functional(model)
+    task = {**task, "a": torch.tensor(0.7, dtype=torch.float64)}
+
+    def dec(p, z, x, y):
+        losses = decode(p, z, x, y)
+        if form == "constant":
+            return torch.stack([losses[0], torch.tensor(0.5, dtype=z.dtype), losses[2]])
+        if form == "leaf":
+            return torch.stack([losses[0], p["a"], losses[2]])
+        if form == "extra":
+            return imtl.Losses(losses, (z**2).mean())
+        return losses
+
+    step = imtl.mtl_value_and_grad(encode, dec, "hybrid")
+    state = step.init(3, log_scale=[0.3, -0.5, -2.0], dtype=torch.float64)
+    results = []
+    for autograd in (True, False):
+        monkeypatch.setattr(steps_module, "use_autograd", lambda *a, flag=autograd: flag)
+        results.append(step(shared, task, state, x, y))
+    for a, b in zip(optree.tree_leaves(results[0][:4]), optree.tree_leaves(results[1][:4]),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, equal_nan=True)
+    if form == "constant":
+        assert results[0].info.grad_norm[1] == 0
