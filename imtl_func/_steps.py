@@ -101,9 +101,13 @@ def mtl_value_and_grad(
             reads its own reference to the features, so one ordinary backward through the heads
             gives every ``∇_z ℓ_t``, the cost of equal weighting plus one ``T × T`` Gramian. Or
             one function ``decode(task_params, features, *batch) -> losses`` with ``losses`` a
-            ``[T]`` tensor or :class:`Losses` (or ``(losses, aux)`` with ``has_aux``); it needs a
-            batched backward over T rows, which back-propagates every row through every head
-            (``T²`` head backwards).
+            ``[T]`` tensor or :class:`Losses` (or ``(losses, aux)`` with ``has_aux``). Called
+            eagerly with ``losses = torch.stack([ℓ_1, ..., ℓ_T])``, row t is one backward from
+            ``ℓ_t`` through its own head (T head backwards; the per-task cost plus T small
+            backward calls). Any other ``[T]`` tensor (a :class:`Losses` with an extra loss
+            included), and every call under ``torch.compile``, needs a batched backward over
+            T rows that runs every row through every head (``T²`` head backwards): pass
+            per-task decoders there. 'loss' and 'equal' need no rows: one backward in all.
         method: ``'hybrid'``, ``'gradient'``, ``'loss'``, ``'equal'`` (see
             :func:`imtl_func.preset`) or a :class:`Transform`.
         scale_rule: log-scale rule of a named method (default :func:`imtl_func.scale_newton`).
