@@ -34,8 +34,9 @@ class VJP(NamedTuple):
 
     Attributes:
         out: ``fn(*primals)`` without a graph.
-        pullback: ``pullback(cotangent like out) -> (cotangent like primal, ...)``, one per
-            primal; zeros for a primal the output does not depend on.
+        pullback: ``pullback(cotangent like out, last=False) -> (cotangent like primal,
+            ...)``, one per primal; zeros for a primal the output does not depend on.
+            ``last=True``: no later call, so plain autograd frees the graph's buffers at once.
         rows: ``rows(chunk_size)``, for an ``out`` of shape ``[N]``: the pull-back of every
             row of the ``N × N`` identity (the gradients of each element of ``out`` on its
             own), every leaf with a leading axis N. A batched backward (``chunk_size`` rows at a
@@ -46,7 +47,7 @@ class VJP(NamedTuple):
     """
 
     out: Any
-    pullback: Callable[[Any], tuple[Any, ...]]
+    pullback: Callable[..., tuple[Any, ...]]
     rows: Callable[[int | None], tuple[Any, ...]]
     aux: Any
 
@@ -92,13 +93,16 @@ def vjp(fn: Callable[..., Any], *primals: PyTree, has_aux: bool = False,
     else:
         (out, pullback), aux = cast("tuple[Any, Any]", func_vjp(fn, *primals)), None
 
+    def pull(cotangent: Any, last: bool = False) -> tuple[Any, ...]:
+        return cast("tuple[Any, ...]", pullback(cotangent))
+
     def rows(chunk_size: int | None) -> tuple[Any, ...]:
         cotangents = _eye(out)
         if chunk_size == 1:
             return _stacked([pullback(c) for c in cotangents.unbind(0)])
         return cast("tuple[Any, ...]", vmap(pullback, chunk_size=chunk_size)(cotangents))
 
-    return VJP(out, pullback, rows, aux)
+    return VJP(out, pull, rows, aux)
 
 
 def _autograd_vjp(fn: Callable[..., Any], primals: tuple[PyTree, ...], has_aux: bool) -> VJP:
@@ -117,8 +121,8 @@ def _autograd_vjp(fn: Callable[..., Any], primals: tuple[PyTree, ...], has_aux: 
             start += len(t)
         return tuple(parts)
 
-    def pullback(cotangent: Any) -> tuple[Any, ...]:
-        return split(_grad(outputs, leaves(cotangent), inputs, batched=False))
+    def pullback(cotangent: Any, last: bool = False) -> tuple[Any, ...]:
+        return split(_grad(outputs, leaves(cotangent), inputs, batched=False, retain=not last))
 
     def rows(chunk_size: int | None) -> tuple[Any, ...]:
         (vector,) = outputs
@@ -156,10 +160,10 @@ def _stacked_scalars(vector: Tensor) -> list[Tensor | GradientEdge] | None:
 
 
 def _grad(outputs: Sequence[Tensor | GradientEdge], cotangents: Sequence[Tensor],
-          inputs: Sequence[Tensor], *, batched: bool) -> list[Tensor]:
+          inputs: Sequence[Tensor], *, batched: bool, retain: bool = True) -> list[Tensor]:
     """``Σ_k ⟨cotangents[k], ∂outputs[k]/∂x⟩`` for every x of ``inputs``, by one backward
-    (a batched one: a leading axis on every cotangent and result). The graph is kept (a
-    pull-back may be called again); zeros for an input that no output depends on."""
+    (a batched one: a leading axis on every cotangent and result). ``retain``: keep the graph
+    for another call. Zeros for an input that no output depends on."""
     lead = (cotangents[0].shape[0],) if batched else ()
     pairs = [(o, c) for o, c in zip(outputs, cotangents, strict=True)
              if isinstance(o, GradientEdge) or o.requires_grad]
@@ -167,7 +171,7 @@ def _grad(outputs: Sequence[Tensor | GradientEdge], cotangents: Sequence[Tensor]
         return [x.new_zeros(lead + x.shape) for x in inputs]
     outs, cots = zip(*pairs, strict=True)
     # Zeros made here: materialize_grads would drop the batch axis of an unused input's.
-    grads = torch.autograd.grad(outs, inputs, cots, retain_graph=True, allow_unused=True,
+    grads = torch.autograd.grad(outs, inputs, cots, retain_graph=retain, allow_unused=True,
                                 is_grads_batched=batched)
     return [x.new_zeros(lead + x.shape) if g is None else g
             for g, x in zip(grads, inputs, strict=True)]

@@ -178,8 +178,8 @@ def mtl_value_and_grad(
             cotangent = combine(weights.shared, feature_rows, size)
         else:
             g_task, _ = decoder.pullback(_cot(weights.task, vector))
-            _, cotangent = decoder.pullback(_cot(weights.shared, vector))
-        (g_shared,) = encoded.pullback(cotangent)
+            _, cotangent = decoder.pullback(_cot(weights.shared, vector), last=True)
+        (g_shared,) = encoded.pullback(cotangent, last=True)
         grads = Grads(*_reduce.mean(reduce, count, (g_shared, g_task)))
         aux = None if not (encoder_has_aux or has_aux) else (encoded.aux, decoder.aux)
         return finish(proposal, state, grads, aux, num_tasks,
@@ -210,7 +210,7 @@ def _whole_model(tx: Transform, model: Callable[..., Any], has_aux: bool, where:
     res, num_tasks = loss_vjp(model, has_aux, where, *inputs[:2], autograd=autograd)
     proposal, count = weigh(tx, state, res.out, num_tasks, None, reduce)
     # A copy: the weights are also info.scale, and a gradient may alias its cotangent.
-    g_shared, g_task = res.pullback(_cot(proposal.weights.task, res.out).clone())
+    g_shared, g_task = res.pullback(_cot(proposal.weights.task, res.out).clone(), last=True)
     grads = Grads(*_reduce.mean(reduce, count, (g_shared, g_task)))
     return finish(proposal, state, grads, res.aux, num_tasks, inputs=inputs if autograd else None)
 
@@ -228,7 +228,7 @@ def _per_task(tx: Transform, decoder: VJP, encoded: VJP, encoder_has_aux: bool,
     vector = decoder.out
     num_tasks = vector.shape[0]
     c = tx.loss_scales(state, vector.dtype).to(vector.dtype)
-    g_task, copies = decoder.pullback(c)
+    g_task, copies = decoder.pullback(c, last=True)  # the heads' buffers go here
     if not tx.needs_gramian:  # a weighting of the losses alone that is not uniform
         proposal, count = weigh(tx, state, vector, num_tasks, None, reduce, prescaled=True)
         w = proposal.weights.shared.to(vector.dtype)  # on the scaled rows
@@ -241,7 +241,7 @@ def _per_task(tx: Transform, decoder: VJP, encoded: VJP, encoder_has_aux: bool,
                                 reduce, prescaled=True)
         cotangent = combine(proposal.weights.shared, rows, num_tasks)
         del rows
-    (g_shared,) = encoded.pullback(cotangent)
+    (g_shared,) = encoded.pullback(cotangent, last=True)
     grads = Grads(*_reduce.mean(reduce, count, (g_shared, g_task)))
     aux = (encoded.aux, None) if encoder_has_aux else None
     return finish(proposal, state, grads, aux, num_tasks, inputs=inputs)
@@ -309,7 +309,7 @@ def value_and_grad(
         else:
             proposal, count = weigh(tx, state, vector, num_tasks, None, reduce)
             _, g_task = res.pullback(_cot(proposal.weights.task, vector))
-            g_shared, _ = res.pullback(_cot(proposal.weights.shared, vector))
+            g_shared, _ = res.pullback(_cot(proposal.weights.shared, vector), last=True)
             g_shared, g_task = _reduce.mean(reduce, count, (g_shared, g_task))
         return finish(proposal, state, Grads(g_shared, g_task), res.aux, num_tasks,
                       inputs=inputs if autograd else None)

@@ -347,9 +347,9 @@ def test_per_task_decoders_are_one_plain_backward():
 
     grad, vmap = autodiff._grad, autodiff.vmap
 
-    def spy_grad(*args, batched):
+    def spy_grad(*args, batched, **kwargs):
         calls.append(("grad", batched))
-        return grad(*args, batched=batched)
+        return grad(*args, batched=batched, **kwargs)
 
     autodiff._grad = spy_grad
     autodiff.vmap = lambda *a, **k: calls.append(("vmap", True)) or vmap(*a, **k)
@@ -456,3 +456,21 @@ def test_stacked_decode_rows_match_the_batched_backward(form, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, equal_nan=True)
     if form == "constant":
         assert results[0].info.grad_norm[1] == 0
+
+
+@pytest.mark.parametrize("method", ["loss", "hybrid"])
+def test_steps_ignore_the_callers_grad_mode(method):
+    """Called under torch.no_grad (e.g. from an evaluation helper) a step still differentiates,
+    and never writes .grad of the parameters it was given."""
+    model, x, y = make_problem(num_tasks=3)
+    _, _, encode, decode, _ = functional(model)
+    shared = dict(model.encoder.named_parameters())
+    task = dict(model.heads.named_parameters())
+    step = imtl.mtl_value_and_grad(encode, _per_task_decoders(model), method)
+    state = step.init(3, dtype=torch.float64)
+    plain = step(shared, task, state, x, y)
+    with torch.no_grad():
+        quiet = step(shared, task, state, x, y)
+    for a, b in zip(optree.tree_leaves(plain[:4]), optree.tree_leaves(quiet[:4]), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert all(p.grad is None for p in model.parameters())
