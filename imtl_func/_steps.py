@@ -8,7 +8,11 @@ Two levels, one pipeline (:mod:`imtl_func._pipeline`):
 * parameter level (:func:`value_and_grad`): task gradients with respect to the shared
   parameters themselves, a ``T × |θ|`` Jacobian from one batched backward.
 
-Both are pure functions of their inputs, traceable by ``torch.compile(fullgraph=True)``.
+Both are pure functions of their inputs, traceable by ``torch.compile(fullgraph=True)``. They
+differentiate through :func:`imtl_func._autodiff.vjp`: plain autograd when called eagerly,
+``torch.func`` under ``torch.compile`` and inside other torch.func transforms (same numbers).
+A weighting that is uniform and reads no Gramian ('loss', 'equal') needs no rows: one backward
+through the whole model.
 """
 
 from __future__ import annotations

@@ -359,7 +359,7 @@ def test_per_task_decoders_are_one_plain_backward():
         imtl.mtl_value_and_grad(encode, decode)(shared, task, state, x, y)
         # Any other [T] tensor: one batched backward of the identity's rows.
         imtl.mtl_value_and_grad(
-            encode, lambda p, z, x, y: torch.cat([l.reshape(1) for l in decode(p, z, x, y)])
+            encode, lambda p, z, x, y: torch.cat([v.reshape(1) for v in decode(p, z, x, y)])
         )(shared, task, state, x, y)
     finally:
         autodiff._grad, autodiff.vmap = grad, vmap
@@ -463,7 +463,7 @@ def test_steps_ignore_the_callers_grad_mode(method):
     """Called under torch.no_grad (e.g. from an evaluation helper) a step still differentiates,
     and never writes .grad of the parameters it was given."""
     model, x, y = make_problem(num_tasks=3)
-    _, _, encode, decode, _ = functional(model)
+    _, _, encode, _, _ = functional(model)
     shared = dict(model.encoder.named_parameters())
     task = dict(model.heads.named_parameters())
     step = imtl.mtl_value_and_grad(encode, _per_task_decoders(model), method)
