@@ -24,7 +24,7 @@ from torch.autograd.graph import GradientEdge
 from torch.func import vjp as func_vjp
 from torch.func import vmap
 
-from imtl_func._tree import PyTree, leaves, tree_map, unflatten
+from imtl_func._tree import PyTree, leaves, traced, tree_map, unflatten
 
 __all__ = ["VJP", "detached", "use_autograd", "vjp"]
 
@@ -54,9 +54,7 @@ class VJP(NamedTuple):
 
 def use_autograd(*trees: PyTree) -> bool:
     """Whether a call on ``trees`` (parameters, batch) differentiates with plain autograd."""
-    if (torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
-            # No public API says whether a torch.func transform is running.
-            or torch._C._functorch.peek_interpreter_stack() is not None):
+    if traced() or torch.is_inference_mode_enabled():
         return False
     return not any(isinstance(x, Tensor) and x.is_inference()
                    for t in trees for x in optree.tree_leaves(t))

@@ -21,6 +21,15 @@ def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
     return optree.tree_map(fn, tree, *rest, none_is_leaf=False)
 
 
+def traced() -> bool:
+    """Whether ``torch.compile`` is tracing or a torch.func transform is running: then only
+    functional, branch-free code (``torch.where``, ``torch.func``) may run."""
+    # No public API says whether a torch.func transform is running; a torch without this
+    # private hook is treated as always inside one (the slower path, same numbers).
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return torch.compiler.is_compiling() or peek is None or peek() is not None
+
+
 def no_autocast(x: Tensor) -> torch.autocast:
     """A context with autocast off on ``x``'s device: IMTL's own products keep their dtype
     (autocast would run a float32 ``@`` in float16 inside a step called under it)."""
@@ -75,7 +84,7 @@ def zeros_where_not(cond: Tensor, tree: PyTree, *, in_place: bool = False) -> Py
     traces, inside a torch.func transform, and for leaves that need autograd: ``torch.where``
     (the compiler fuses it).
     """
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+    if traced():
         return tree_map(lambda a: torch.where(cond, a, 0.0), tree)
     masks: dict[tuple[torch.device, torch.dtype], Tensor] = {}
     batched: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}

@@ -474,3 +474,16 @@ def test_steps_ignore_the_callers_grad_mode(method):
     for a, b in zip(optree.tree_leaves(plain[:4]), optree.tree_leaves(quiet[:4]), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_torch_without_the_transform_hook_takes_the_torch_func_path(monkeypatch):
+    """If a torch release drops the private hook that tells whether a torch.func transform
+    runs, steps fall back to torch.func (slower, same numbers) instead of failing."""
+    from imtl_func._autodiff import use_autograd
+
+    monkeypatch.delattr(torch._C._functorch, "peek_interpreter_stack")
+    assert not use_autograd({"w": torch.ones(2)})
+    model, x, y = make_problem(num_tasks=3)
+    shared, task, encode, decode, _ = functional(model)
+    step = imtl.mtl_value_and_grad(encode, decode, "hybrid")
+    assert bool(step(shared, task, step.init(3, dtype=torch.float64), x, y).info.finite)
