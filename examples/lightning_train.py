@@ -28,10 +28,13 @@ count.
 ``UninitializedParameter``, and Lightning's model summary warns that its parameter count may be
 inaccurate. Passing ``num_losses`` (as here) avoids the warning.
 
-Precision: ``32-true`` and ``bf16-mixed`` work with both. ``16-mixed`` (float16 with a
-GradScaler) works with :class:`ModuleIMTL`, which hands Lightning's scaler to ``nn.IMTL`` in
-``on_fit_start``; not yet with :class:`FunctionalIMTL`. On a CPU, Lightning replaces
-``16-mixed`` by ``bf16-mixed`` anyway (see docs/guides/lightning.md).
+Precision: ``32-true``, ``bf16-mixed`` and ``16-mixed`` (float16 with a GradScaler) work with
+both. IMTL runs the backward itself, so both take Lightning's GradScaler in ``on_fit_start``:
+:class:`ModuleIMTL` hands it to ``nn.IMTL``; :class:`FunctionalIMTL` scales its losses with
+:func:`imtl_func.amp_scale` and writes the gradients with :func:`imtl_func.write_grads`, and
+Lightning's ``opt.step()`` unscales, skips an overflow and updates the scale. On a CPU, Lightning
+replaces ``16-mixed`` by ``bf16-mixed`` unless a precision plugin forces it (see
+docs/guides/lightning.md).
 """
 
 from __future__ import annotations
@@ -159,13 +162,16 @@ class FunctionalIMTL(L.LightningModule):
         self.imtl_step = imtl.mtl_value_and_grad(self._encode, losses, method)
         self.imtl_state = StateBuffers(self.imtl_step.init(NUM_TASKS))
         self.register_buffer("skipped", torch.zeros((), dtype=torch.long))
+        self.scaler: torch.amp.GradScaler | None = None
 
     def _encode(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         return functional_call(self.net.encoder, params, (x,))
 
     def _task_loss(self, t: int, params: dict[str, Tensor], z: Tensor, x: Tensor,
                    y: Tensor) -> Tensor:
-        return task_loss(t, functional_call(self.net.heads, params, (z,)), y)
+        loss = task_loss(t, functional_call(self.net.heads, params, (z,)), y)
+        # 16-mixed: the gradients through the loss scaled by Lightning's GradScaler.
+        return loss if self.scaler is None else imtl.amp_scale(loss, self.scaler)
 
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -175,9 +181,17 @@ class FunctionalIMTL(L.LightningModule):
                   dict(self.net.heads.named_parameters()))
         out = self.imtl_step(*params, self.imtl_state.get(), x, y)
         self.imtl_state.set(out.state)        # the gate kept the old state if not finite
-        if not imtl.apply_updates(opt, out, *params):  # skips opt.step() if not finite
-            self.skipped += 1
+        if self.scaler is None:
+            if not imtl.apply_updates(opt, out, *params):  # skips opt.step() if not finite
+                self.skipped += 1
+        else:  # Lightning's opt.step() unscales, skips an overflow, updates the scale
+            if not imtl.write_grads(out, *params, scaler=self.scaler):  # an inf if not finite
+                self.skipped += 1
+            opt.step()
         self.log_dict({f"loss_{t}": loss.float() for t, loss in enumerate(out.losses)})
+
+    def on_fit_start(self) -> None:
+        self.scaler = getattr(self.trainer.precision_plugin, "scaler", None)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.net.parameters(), lr=self.lr)

@@ -9,7 +9,8 @@
 * Building blocks: :func:`task_jacobian`, :func:`gramian`, :func:`imtl_g_weights`,
   :func:`scale_losses`, :func:`scale_grad`.
 * :func:`apply_updates`: hand a step's result to a ``torch.optim`` optimizer (skipping the
-  step when it was not finite); :func:`amp_scale`: float16 loss scaling with ``GradScaler``.
+  step when it was not finite); :func:`write_grads`: the same without the step, for a
+  framework's own ``opt.step()``; :func:`amp_scale`: float16 loss scaling with ``GradScaler``.
 * :func:`accumulate`: exact gradient accumulation (the step of one big batch from micro-batches).
 * :mod:`imtl_func.nn`: a stateful ``nn.Module`` for ordinary PyTorch loops;
   :mod:`imtl_func.distributed`: data parallelism.
@@ -21,7 +22,7 @@ from imtl_func._gramian import gramian
 from imtl_func._imtl_g import GWeights, IMTLGStats, imtl_g, imtl_g_weights
 from imtl_func._jacobian import task_jacobian
 from imtl_func._micro_batches import AccumulatedStats, AccumulationPlan
-from imtl_func._optim import amp_scale, apply_updates
+from imtl_func._optim import amp_scale, apply_updates, write_grads
 from imtl_func._pipeline import Grads, Losses, StepResult
 from imtl_func._presets import preset
 from imtl_func._scales import (
@@ -83,4 +84,5 @@ __all__ = [
     "transform",
     "value_and_grad",
     "weighting",
+    "write_grads",
 ]

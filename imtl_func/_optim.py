@@ -18,7 +18,7 @@ from torch import Tensor
 from imtl_func._pipeline import StepResult
 from imtl_func._tree import PyTree
 
-__all__ = ["amp_scale", "apply_updates", "scaler_step"]
+__all__ = ["amp_scale", "apply_updates", "scaler_step", "write_grads"]
 
 
 def amp_scale(losses: Tensor, scale: Any) -> Tensor:
@@ -100,32 +100,71 @@ def apply_updates(
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError("apply_updates: optimizer must be a torch.optim.Optimizer, got "
                         f"{type(optimizer).__name__}")
-    if not isinstance(result, StepResult):
-        raise TypeError("apply_updates: result must be the StepResult a step returned, got "
-                        f"{type(result).__name__}")
-    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
-        raise TypeError("apply_updates: scaler must be a torch.amp.GradScaler or None, got "
-                        f"{type(scaler).__name__}")
-    pairs = (_pairs(shared_params, result.grads.shared, "shared_params")
-             + _pairs(task_params, result.grads.task, "task_params"))
-    if not pairs:
-        raise ValueError("apply_updates: shared_params and task_params hold no tensor")
+    pairs, finite, scaled = _prepare(result, shared_params, task_params, scaler, "apply_updates")
     _check_held(optimizer, pairs)
-    finite = bool(result.info.finite)  # the one host sync
-    if scaler is None or not scaler.is_enabled():
+    if not scaled:
         if not finite:
             return False
         _write(pairs)
         optimizer.step()
         return True
-    first = pairs[0][1]
-    scaler.scale(torch.ones((), device=first.device))  # creates the scale if amp_scale had a number
+    assert scaler is not None  # scaled
+    _write_or_overflow(pairs, finite)
+    ran = scaler_step(scaler, optimizer)  # also when not finite: the scaler records the inf
+    return finite and ran
+
+
+def write_grads(result: StepResult, shared_params: PyTree, task_params: PyTree = None, *,
+                scaler: torch.amp.GradScaler | None = None) -> bool:
+    """Write a step's gradients into ``.grad`` for an optimizer step that something else runs.
+
+    :func:`apply_updates` without the step: for loops whose ``optimizer.step()`` goes through a
+    framework, e.g. PyTorch Lightning's ``opt.step()`` under manual optimization, which runs
+    the precision plugin's ``GradScaler`` (unscale, skip on inf, update) itself.
+
+    Returns ``bool(result.info.finite)`` (one host sync). Not finite and no ``scaler``: nothing
+    is written; skip the step. Not finite with an enabled ``scaler`` (the losses went through
+    :func:`amp_scale` with it): an inf ``.grad`` on the first parameter, so that the scaler's
+    step skips and its scale backs off as for any overflow; step anyway, as with
+    ``scaler.scale(loss).backward()``. Arguments as for :func:`apply_updates`.
+    """
+    pairs, finite, scaled = _prepare(result, shared_params, task_params, scaler, "write_grads")
+    if scaled:
+        _write_or_overflow(pairs, finite)
+    elif finite:
+        _write(pairs)
+    return finite
+
+
+def _prepare(result: StepResult, shared_params: PyTree, task_params: PyTree,
+             scaler: torch.amp.GradScaler | None, where: str
+             ) -> tuple[list[tuple[str, Tensor, Tensor]], bool, bool]:
+    """Checked ``(where, parameter, gradient)`` pairs, ``info.finite`` read on the host, and
+    whether an enabled scaler is in use."""
+    if not isinstance(result, StepResult):
+        raise TypeError(f"{where}: result must be the StepResult a step returned, got "
+                        f"{type(result).__name__}")
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"{where}: scaler must be a torch.amp.GradScaler or None, got "
+                        f"{type(scaler).__name__}")
+    pairs = (_pairs(shared_params, result.grads.shared, "shared_params", where)
+             + _pairs(task_params, result.grads.task, "task_params", where))
+    if not pairs:
+        raise ValueError(f"{where}: shared_params and task_params hold no tensor")
+    finite = bool(result.info.finite)  # the one host sync
+    scaled = scaler is not None and scaler.is_enabled()
+    if scaler is not None and scaled:  # creates the scale if amp_scale had a number
+        scaler.scale(torch.ones((), device=pairs[0][1].device))
+    return pairs, finite, scaled
+
+
+def _write_or_overflow(pairs: list[tuple[str, Tensor, Tensor]], finite: bool) -> None:
+    """The gradients, or an inf on the first parameter that a GradScaler reads as an overflow."""
     if finite:
         _write(pairs)
     else:
+        first = pairs[0][1]
         first.grad = torch.full_like(first, float("inf"))
-    ran = scaler_step(scaler, optimizer)
-    return finite and ran
 
 
 def scaler_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
@@ -139,17 +178,18 @@ def scaler_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) 
     return bool(ran)
 
 
-def _pairs(params: PyTree, grads: PyTree, name: str) -> list[tuple[str, Tensor, Tensor]]:
+def _pairs(params: PyTree, grads: PyTree, name: str, caller: str
+           ) -> list[tuple[str, Tensor, Tensor]]:
     """``(where, parameter, gradient)`` for the leaves of two pytrees of the same structure."""
     paths, p_leaves, p_spec = optree.tree_flatten_with_path(params, none_is_leaf=False)
     g_leaves, g_spec = optree.tree_flatten(grads, none_is_leaf=False)
     if p_spec != g_spec:
-        raise ValueError(f"apply_updates: {name} must have the structure of the gradients the "
+        raise ValueError(f"{caller}: {name} must have the structure of the gradients the "
                          f"step returned for it; got {p_spec} for gradients {g_spec}")
     wheres = [name + "".join(f"[{k!r}]" for k in path) for path in paths]
     for where, p in zip(wheres, p_leaves, strict=True):
         if not isinstance(p, Tensor) or not p.is_leaf:
-            raise ValueError(f"apply_updates: {where} is not a leaf tensor; pass the optimizer's "
+            raise ValueError(f"{caller}: {where} is not a leaf tensor; pass the optimizer's "
                              "parameters themselves (e.g. dict(module.named_parameters())), not "
                              "tensors computed from them")
     return list(zip(wheres, p_leaves, g_leaves, strict=True))

@@ -167,16 +167,10 @@ def test_16_mixed_on_cpu_runs_as_bf16_mixed(variant):
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
-@pytest.mark.parametrize("variant", [
-    "module",
-    pytest.param("functional", marks=pytest.mark.xfail(raises=AssertionError, strict=True, reason=(
-        "16-mixed: Lightning's opt.step() unscales with its own GradScaler, but the functional "
-        "example's losses do not go through imtl.amp_scale(loss, scaler), so torch raises "
-        "'Attempted unscale_ but _scale is None'"))),
-])
+@pytest.mark.parametrize("variant", ["module", "functional"])
 def test_16_mixed_with_a_grad_scaler(variant):
-    """float16 autocast and a GradScaler on the CPU, forced with the precision plugin; the
-    module takes Lightning's scaler in on_fit_start. One SGD step against the float64
+    """float16 autocast and a GradScaler on the CPU, forced with the precision plugin; both
+    variants take Lightning's scaler in on_fit_start. One SGD step against the float64
     reference, to float16 autocast's precision (5e-3 on parameters of size ~0.5)."""
     lr = 0.1
     sgd = lambda p: torch.optim.SGD(p, lr=lr)  # noqa: E731

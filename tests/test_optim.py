@@ -187,6 +187,47 @@ def test_apply_updates_errors() -> None:
     assert all(p.grad is None for p in net.parameters())  # no error wrote anything
 
 
+def test_write_grads_writes_or_marks_an_overflow_and_never_steps() -> None:
+    """write_grads: the gradients of a finite step (the tensors themselves); nothing for a
+    non-finite one; with a scaler an inf on the first parameter, which the scaler's own step
+    reads as an overflow (skipped, scale halved). It never calls the optimizer."""
+    net = make_net()
+    shared, task = params_of(net)
+    step = make_step(net)
+    state = step.init(T)
+    x, y = make_data()
+    out = step(shared, task, state, x, y)
+    assert imtl.write_grads(out, shared, task) is True
+    for params, grads in ((shared, out.grads.shared), (task, out.grads.task)):
+        for name, g in grads.items():
+            assert params[name].grad.data_ptr() == g.data_ptr()  # no copy
+            assert torch.equal(params[name].grad, g)
+    bad = y.clone()
+    bad[0, 1] = float("nan")
+    out_bad = step(shared, task, state, x, bad)
+    net.zero_grad(set_to_none=True)
+    assert imtl.write_grads(out_bad, shared, task) is False
+    assert all(p.grad is None for p in net.parameters())
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    before, _ = snapshot([net], opt)
+    assert imtl.write_grads(out_bad, shared, task, scaler=scaler) is False
+    first = shared[sorted(shared)[0]]  # the first leaf (optree orders dict keys)
+    assert torch.isinf(first.grad).all()
+    assert all(p.grad is None for p in net.parameters() if p is not first)
+    scaler.step(opt)  # what a framework's opt.step() does with its scaler
+    scaler.update()
+    assert_identical([p.detach() for p in net.parameters()], before, "params")
+    assert scaler.get_scale() == 2.0**9
+    with pytest.raises(TypeError, match="write_grads: result must be the StepResult"):
+        imtl.write_grads(tuple(out), shared, task)
+    with pytest.raises(TypeError, match=r"write_grads: scaler must be a torch\.amp\.GradScaler"):
+        imtl.write_grads(out, shared, task, scaler=1.0)
+    with pytest.raises(ValueError, match="write_grads: task_params must have the structure"):
+        imtl.write_grads(out, shared, list(task.values()))
+
+
 # ------------------------------------------------------------------ skipped steps, nn.IMTL
 
 
