@@ -269,27 +269,6 @@ def _git_commit() -> str | None:
     return head + ("+dirty" if dirty.strip() else "")
 
 
-def _git_commit() -> str | None:
-    """The checkout's commit (and '+dirty' with local changes), or None outside git."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--", "imtl_func", "benchmarks"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty.strip() else "")
-
-
 def _meta(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
