@@ -6,10 +6,13 @@ computed and the parent compares it with single-process runs on the concatenated
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
 import warnings
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -182,13 +185,20 @@ def decode_losses(pred, y):
 
 # ----------------------------------------------------------------------------- the workers
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+@contextlib.contextmanager
+def _gloo(rank: int, port: int, seconds: float) -> Iterator[None]:
+    """One worker's gloo process group (one intra-op thread), destroyed on the way out."""
     torch.set_num_threads(1)
-    from datetime import timedelta
-
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=30))
+                            world_size=WORLD, timeout=timedelta(seconds=seconds))
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    with _gloo(rank, port, 30):
         reduce = imtl_dist.all_sum()
         results = {}
         for level in LEVELS:
@@ -202,8 +212,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results["module", "nan"] = train_module("hybrid", reduce, rank, nan=True)
         results["module", "backward"] = train_module("hybrid", reduce, rank, nan_backward=True)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -437,12 +445,7 @@ def train_diverging(method: str, reduce=None, rank: int | None = None,
 
 
 def _diverging_worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    from datetime import timedelta
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=15))
-    try:
+    with _gloo(rank, port, 15):
         reduce = imtl_dist.all_sum()
         results = {(method, shared): train_diverging(method, reduce, rank, shared)
                    for method in METHODS for shared in (False, True)}
@@ -462,8 +465,6 @@ def _diverging_worker(rank: int, port: int, out_dir: str) -> None:
         module(z, losses)
         results["after"] = module.info.alpha
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
