@@ -15,10 +15,11 @@ or skip it when IMTL met a non-finite loss or gradient:
   which the optimizer trains); the log-scales are a parameter of the LightningModule, so they
   are in its checkpoint.
 * :class:`FunctionalIMTL`: ``imtl_func.mtl_value_and_grad`` with one loss function per task
-  returns the gradients and the new IMTL state; :func:`imtl_func.apply_updates` writes the
-  gradients into ``.grad`` and steps (or skips the step when it was not finite). The state
-  lives in buffers (:class:`StateBuffers`), so it is in the checkpoint and follows the module
-  across devices.
+  returns the gradients and the new IMTL state; :func:`imtl_func.write_grads` writes the
+  gradients into ``.grad`` (nothing when the step was not finite), then ``opt.step()`` runs
+  as in :class:`ModuleIMTL` (:func:`imtl_func.apply_updates` does both outside Lightning). The
+  state lives in buffers (:class:`StateBuffers`), so it is in the checkpoint and follows the
+  module across devices.
 
 Both count the skipped steps in a buffer, ``skipped``. In manual optimization Lightning counts
 ``trainer.global_step`` (and so ``max_steps``) in ``opt.step()`` calls: a skipped batch does not
@@ -181,13 +182,12 @@ class FunctionalIMTL(L.LightningModule):
                   dict(self.net.heads.named_parameters()))
         out = self.imtl_step(*params, self.imtl_state.get(), x, y)
         self.imtl_state.set(out.state)        # the gate kept the old state if not finite
-        if self.scaler is None:
-            if not imtl.apply_updates(opt, out, *params):  # skips opt.step() if not finite
-                self.skipped += 1
-        else:  # Lightning's opt.step() unscales, skips an overflow, updates the scale
-            if not imtl.write_grads(out, *params, scaler=self.scaler):  # an inf if not finite
-                self.skipped += 1
-            opt.step()
+        # .grad of the params; if not finite, nothing (or with a scaler an inf, its overflow)
+        finite = imtl.write_grads(out, *params, scaler=self.scaler)
+        if not finite:
+            self.skipped += 1
+        if finite or self.scaler is not None:
+            opt.step()  # with 16-mixed, Lightning's scaler unscales and skips a non-finite step
         self.log_dict({f"loss_{t}": loss.float() for t, loss in enumerate(out.losses)})
 
     def on_fit_start(self) -> None:

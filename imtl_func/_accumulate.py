@@ -133,7 +133,8 @@ class Accumulator:
                 res = vjp(dec_all, (features,) * len(heads), autograd=autograd)
                 vector = res.out
                 c = tx.loss_scales(state, vector.dtype).to(vector.dtype)
-                (copies,) = res.pullback(c)  # copies[t] = e^{s_t} ∇_z ℓ_t, as in the step
+                # copies[t] = e^{s_t} ∇_z ℓ_t, as in the step
+                (copies,) = res.pullback(c, last=True)
                 k = rows_gramian(tree_map(lambda *r: torch.stack(r), *copies), num_tasks)
             else:
                 with torch.no_grad():
@@ -241,7 +242,7 @@ class Accumulator:
             res = vjp(dec_all, task_params, (features,) * len(heads), autograd=autograd)
             vector = res.out
             c = tx.loss_scales(plan.state, vector.dtype).to(torch.float64) * share
-            g_task, copies = res.pullback(c.to(vector.dtype))
+            g_task, copies = res.pullback(c.to(vector.dtype), last=True)
             w = weights.shared.to(vector.dtype)  # on the scaled rows (prescaled)
             cotangent = tree_map(lambda *r: sum(wt * x for wt, x in zip(w, r, strict=True)),
                                  *copies)
@@ -263,11 +264,11 @@ class Accumulator:
                 return (with_extra(wt, size, torch.float64) * share).to(vector.dtype)
 
             if tx.weighting.uniform:
-                g_task, cotangent = res.pullback(cot(weights.task))
+                g_task, cotangent = res.pullback(cot(weights.task), last=True)
             else:
                 g_task, _ = res.pullback(cot(weights.task))
-                _, cotangent = res.pullback(cot(weights.shared))
-        (g_shared,) = encoded.pullback(cotangent)
+                _, cotangent = res.pullback(cot(weights.shared), last=True)
+        (g_shared,) = encoded.pullback(cotangent, last=True)
         new = Grads(g_shared, g_task)
         if grads is not None:
             new = Grads(*tree_map(torch.add, (grads.shared, grads.task), (g_shared, g_task)))
